@@ -1,0 +1,276 @@
+"""The job configuration: one dataclass per TOML section.
+
+These dataclasses are the source of truth for every setting. A TOML file from
+``train_configs/`` and ``--section.key value`` CLI arguments only override their defaults
+(see ``config/manager.py``). Section and key names follow torchtitan 0.2.2 where the
+concept is the same (``[training] local_batch_size``, ``[parallelism]
+expert_parallel_degree``, ``[checkpoint] interval``...), plus our ``[disagmoe]`` and
+``[moe]`` sections.
+
+Every check that can be made without a process group lives in a ``__post_init__`` (one
+section alone) or in ``JobConfig.validate`` (across sections), and raises ValueError
+naming the key, the value and the fix.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _check_choice(key: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} = {value!r} is not valid; allowed values: {list(allowed)}")
+
+
+def _check_positive(key: str, value: int | float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{key} = {value!r} must be {bound}")
+
+
+@dataclass(kw_only=True, slots=True)
+class Job:
+    config_file: str | None = None
+    """TOML job file the other values were read from (set by the loader)."""
+    dump_folder: str = "./outputs"
+    """Folder for metrics.jsonl, TensorBoard events and checkpoints."""
+    description: str = "torchtitan_disagmoe job"
+    """Free text, printed at start-up."""
+    print_config: bool = False
+    """Print the resolved configuration at start-up."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Model:
+    name: str = "qwen3_moe"
+    """Model family, a key of the model registry (``qwen3_moe``, ``deepseek_moe``)."""
+    flavor: str = "debug"
+    """Size preset of the family (e.g. ``debug``, ``30B-A3B``)."""
+    tokenizer_path: str = ""
+    """Directory with tokenizer.json and tokenizer_config.json. Empty: build the
+    built-in byte-level BPE tokenizer locally (cached) with the model's vocabulary."""
+
+
+@dataclass(kw_only=True, slots=True)
+class MoE:
+    load_balance: Literal["none", "aux_loss", "aux_loss_free", "both"] = "aux_loss_free"
+    """How expert load is balanced: ``aux_loss`` adds a sequence-wise balance loss;
+    ``aux_loss_free`` nudges a per-expert routing bias after every step (DeepSeek-V3)."""
+    aux_loss_coeff: float = 1e-3
+    """Weight of the sequence-wise auxiliary balance loss (per MoE layer)."""
+    bias_update_rate: float = 1e-3
+    """Step size of the aux-loss-free expert-bias update."""
+    use_grouped_mm: bool = True
+    """Run experts with ``torch._grouped_mm``; false: a per-expert loop (reference)."""
+
+    def __post_init__(self):
+        _check_choice("moe.load_balance", self.load_balance,
+                      ("none", "aux_loss", "aux_loss_free", "both"))
+        _check_positive("moe.aux_loss_coeff", self.aux_loss_coeff, allow_zero=True)
+        _check_positive("moe.bias_update_rate", self.bias_update_rate, allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class Optimizer:
+    name: Literal["AdamW", "Adam"] = "AdamW"
+    """Optimizer class."""
+    lr: float = 8e-4
+    """Peak learning rate."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def __post_init__(self):
+        _check_choice("optimizer.name", self.name, ("AdamW", "Adam"))
+        _check_positive("optimizer.lr", self.lr)
+        _check_positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class LRScheduler:
+    warmup_steps: int = 2
+    """Linear warm-up steps."""
+    decay_ratio: float | None = None
+    """Fraction of the steps spent decaying; None: decay right after warm-up."""
+    decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
+    min_lr_factor: float = 0.0
+    """The learning rate decays to ``lr * min_lr_factor``."""
+
+    def __post_init__(self):
+        _check_positive("lr_scheduler.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_choice("lr_scheduler.decay_type", self.decay_type, ("linear", "sqrt", "cosine"))
+        if self.decay_ratio is not None and not 0.0 <= self.decay_ratio <= 1.0:
+            raise ValueError(f"lr_scheduler.decay_ratio = {self.decay_ratio} must be in [0, 1]")
+        if not 0.0 <= self.min_lr_factor <= 1.0:
+            raise ValueError(f"lr_scheduler.min_lr_factor = {self.min_lr_factor} must be in [0, 1]")
+
+
+DATASETS = ("pydoc_topics", "text", "jsonl", "parquet")
+
+
+@dataclass(kw_only=True, slots=True)
+class Training:
+    steps: int = 60
+    """Optimizer steps to train for."""
+    local_batch_size: int = 8
+    """Sequences per data-parallel rank per step; global batch = this x dp ranks."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    seed: int = 0
+    """Seed for weights (per parameter name, so every layout gets the same values) and data order."""
+    dataset: str = "pydoc_topics"
+    """``pydoc_topics`` (built in, no download), ``text``, ``jsonl`` or ``parquet``."""
+    dataset_path: str = ""
+    """File or directory for the ``text``/``jsonl``/``parquet`` datasets."""
+    max_norm: float = 1.0
+    """Gradient clipping threshold on the global L2 norm (0 disables clipping)."""
+    threads_per_rank: int = 0
+    """torch intra-op threads per rank on CPU; 0 means cores // local ranks."""
+
+    def __post_init__(self):
+        _check_positive("training.steps", self.steps)
+        _check_positive("training.local_batch_size", self.local_batch_size)
+        _check_positive("training.seq_len", self.seq_len)
+        _check_positive("training.max_norm", self.max_norm, allow_zero=True)
+        _check_positive("training.threads_per_rank", self.threads_per_rank, allow_zero=True)
+        _check_choice("training.dataset", self.dataset, DATASETS)
+        if self.dataset == "pydoc_topics" and self.dataset_path:
+            raise ValueError(
+                "training.dataset_path is set but training.dataset = 'pydoc_topics' (built in); "
+                "set training.dataset to 'text', 'jsonl' or 'parquet' to read your files")
+        if self.dataset != "pydoc_topics" and not self.dataset_path:
+            raise ValueError(
+                f"training.dataset = {self.dataset!r} needs training.dataset_path (a file or directory)")
+
+
+PIPELINE_SCHEDULES = ("1F1B", "Interleaved1F1B")
+
+
+@dataclass(kw_only=True, slots=True)
+class Parallelism:
+    data_parallel_shard_degree: int = -1
+    """FSDP2 degree over the data-parallel ranks; -1: all of them."""
+    expert_parallel_degree: int = 1
+    """Ranks the experts of each MoE layer are sharded over (colocated mode)."""
+    pipeline_parallel_degree: int = 1
+    """Pipeline stages for colocated runs (1: no pipeline parallelism)."""
+    pipeline_parallel_schedule: str = "1F1B"
+    """Schedule of the colocated pipeline: ``1F1B`` or ``Interleaved1F1B``."""
+
+    def __post_init__(self):
+        if self.data_parallel_shard_degree == 0 or self.data_parallel_shard_degree < -1:
+            raise ValueError(
+                f"parallelism.data_parallel_shard_degree = {self.data_parallel_shard_degree} "
+                "must be -1 (all data-parallel ranks) or a positive rank count")
+        _check_positive("parallelism.expert_parallel_degree", self.expert_parallel_degree)
+        _check_positive("parallelism.pipeline_parallel_degree", self.pipeline_parallel_degree)
+        _check_choice("parallelism.pipeline_parallel_schedule",
+                      self.pipeline_parallel_schedule, PIPELINE_SCHEDULES)
+
+
+@dataclass(kw_only=True, slots=True)
+class DisagMoE:
+    mode: Literal["colocated", "af_pipe"] = "colocated"
+    """``colocated``: every rank holds attention and a slice of experts (EP baseline).
+    ``af_pipe``: attention and experts on disjoint rank pools (DESIGN.md section 2)."""
+    attention_ranks: int = 0
+    """Ranks in the attention pool (af_pipe)."""
+    expert_ranks: int = 0
+    """Ranks in the expert pool (af_pipe)."""
+    pipeline_depth: int = 1
+    """Groups p per pool; group g owns layers g, g+p, ... (af_pipe)."""
+    microbatches: int = 1
+    """Micro-batches per step (af_pipe)."""
+
+    def __post_init__(self):
+        _check_choice("disagmoe.mode", self.mode, ("colocated", "af_pipe"))
+        _check_positive("disagmoe.attention_ranks", self.attention_ranks, allow_zero=True)
+        _check_positive("disagmoe.expert_ranks", self.expert_ranks, allow_zero=True)
+        _check_positive("disagmoe.pipeline_depth", self.pipeline_depth)
+        _check_positive("disagmoe.microbatches", self.microbatches)
+
+
+@dataclass(kw_only=True, slots=True)
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Checkpoint:
+    enable: bool = False
+    """Save DCP checkpoints and resume from the latest one in ``folder``."""
+    folder: str = "checkpoint"
+    """Checkpoint folder, relative to ``job.dump_folder``."""
+    interval: int = 50
+    """Save every this many steps (and at the last step)."""
+    keep_latest_k: int = 0
+    """Keep only the newest k checkpoints (0 keeps all)."""
+
+    def __post_init__(self):
+        _check_positive("checkpoint.interval", self.interval)
+        _check_positive("checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class Metrics:
+    log_freq: int = 1
+    """Log every this many steps (and the last step)."""
+    enable_tensorboard: bool = True
+    """Write TensorBoard events under ``<dump_folder>/tb``."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s per rank for MFU; 0: known GPU table, or measured on CPU."""
+
+    def __post_init__(self):
+        _check_positive("metrics.log_freq", self.log_freq)
+        _check_positive("metrics.peak_flops", self.peak_flops, allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    moe: MoE = field(default_factory=MoE)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    disagmoe: DisagMoE = field(default_factory=DisagMoE)
+    compile: Compile = field(default_factory=Compile)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def validate(self, world_size: int) -> None:
+        """Cross-section checks against the launch; call before any process group exists.
+
+        Args:
+            world_size: number of ranks torchrun started (``NGPU``).
+        """
+        from torchtitan_disagmoe.models import get_model_spec  # late: models import config
+
+        spec = get_model_spec(self.model.name)
+        args = spec.get_flavor(self.model.flavor)
+        args.validate_seq_len(self.training.seq_len)
+        par, dis = self.parallelism, self.disagmoe
+        if dis.mode == "af_pipe":
+            raise ValueError(
+                "disagmoe.mode = 'af_pipe' is not available in this build yet; "
+                "use disagmoe.mode = 'colocated'")
+        if par.pipeline_parallel_degree != 1:
+            raise ValueError(
+                f"parallelism.pipeline_parallel_degree = {par.pipeline_parallel_degree}: "
+                "colocated pipeline parallelism is not available in this build yet; set it to 1")
+        dp = world_size
+        if par.data_parallel_shard_degree not in (-1, dp):
+            raise ValueError(
+                f"parallelism.data_parallel_shard_degree = {par.data_parallel_shard_degree} "
+                f"but colocated mode shards over all {dp} ranks; set it to -1 or {dp}")
+        ep = par.expert_parallel_degree
+        if world_size % ep != 0:
+            raise ValueError(
+                f"parallelism.expert_parallel_degree = {ep} must divide the number of ranks "
+                f"(NGPU = {world_size})")
+        if args.moe.num_experts % ep != 0:
+            raise ValueError(
+                f"parallelism.expert_parallel_degree = {ep} must divide the "
+                f"{args.moe.num_experts} experts of {self.model.name}/{self.model.flavor}")
