@@ -122,6 +122,10 @@ class Trainer:
         inputs, labels = next(self.data_iter)
         self.optimizers.zero_grad()
         loss = self.forward_backward(inputs, labels)
+        return self.optimizer_step(loss, inputs.numel() * self.dims.dp)
+
+    def optimizer_step(self, loss: torch.Tensor, global_tokens: int) -> dict[str, float]:
+        """Clip, update the routing bias, step optimizer and LR; returns step metrics."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm_(params, self.config.training.max_norm, self.world_size)
         counts_LE = update_expert_bias(
@@ -130,7 +134,7 @@ class Trainer:
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         self.optimizers.step()
         self.lr_schedulers.step()
-        self.metrics.count_tokens(inputs.numel() * self.dims.dp)
+        self.metrics.count_tokens(global_tokens)
         values = {"loss": all_reduce_mean(loss, self.world_size).item(),
                   "grad_norm": grad_norm.item(), "lr": lr}
         if counts_LE is not None:

@@ -1,0 +1,83 @@
+"""Run the trainer on N gloo ranks (spawned processes) or in this process, and collect
+losses and full gradients for parity checks against the single-process reference."""
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from torchtitan_disagmoe.config.job_config import JobConfig
+from torchtitan_disagmoe.distributed.utils import all_reduce_mean
+
+_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient (collective for sharded ones: call on all ranks)."""
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if isinstance(grad, DTensor):
+            grad = grad.full_tensor()
+        grads[name] = grad.detach().clone().cpu()
+    return grads
+
+
+def run_steps(config: JobConfig, cache_dir: str, steps: int) -> dict:
+    """Train ``steps`` steps; gradients are captured at step 1 before clipping."""
+    from torchtitan_disagmoe.trainer import Trainer
+
+    trainer = Trainer(config, cache_dir=cache_dir)
+    try:
+        inputs, labels = next(trainer.data_iter)
+        trainer.optimizers.zero_grad()
+        loss = trainer.forward_backward(inputs, labels)
+        grads = full_grads(trainer.model)
+        first_loss = all_reduce_mean(loss, trainer.world_size).item()
+        losses = [trainer.optimizer_step(loss, inputs.numel() * trainer.dims.dp)["loss"]]
+        for _ in range(steps - 1):
+            losses.append(trainer.train_step()["loss"])
+    finally:
+        trainer.close()
+    return {"loss": first_loss, "grads": grads, "losses": losses}
+
+
+def _worker(rank: int, world_size: int, port: int, config: JobConfig, cache_dir: str, steps: int, out: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        result = run_steps(config, cache_dir, steps)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(config: JobConfig, world_size: int, cache_dir: str, steps: int = 1) -> dict:
+    """Spawn ``world_size`` gloo ranks running ``run_steps``; returns rank 0's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.pt")
+        mp.start_processes(_worker, args=(world_size, free_port(), config, cache_dir, steps, out),
+                           nprocs=world_size, join=True, start_method="spawn")
+        return torch.load(out, weights_only=False)
+
+
+def run_single(config: JobConfig, cache_dir: str, steps: int = 1) -> dict:
+    """The reference: one process, no process group."""
+    saved = {k: os.environ.pop(k) for k in _ENV_KEYS if k in os.environ}
+    try:
+        return run_steps(config, cache_dir, steps)
+    finally:
+        os.environ.update(saved)
