@@ -144,15 +144,20 @@ class Trainer:
             values["aux_loss"] = all_reduce_mean(torch.stack(aux).sum(), self.world_size).item()
         return values
 
-    def train(self) -> list[dict[str, float]]:
-        """Run until ``training.steps``; returns the logged metrics (every rank)."""
+    def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
+        """Run until ``training.steps`` (or ``stop_at``, as if interrupted there).
+
+        Returns:
+            The logged metrics of this run (on every rank).
+        """
         steps = self.config.training.steps
+        stop_at = steps if stop_at is None else min(stop_at, steps)
         seq_len = self.config.training.seq_len
         flops_per_token = self.model_args.flops_per_token(seq_len)
         logged = []
         if self.step >= steps:
             logger.info(f"checkpoint is at step {self.step} >= training.steps = {steps}: nothing to do")
-        while self.step < steps:
+        while self.step < stop_at:
             self.step += 1
             values = self.train_step()
             self.checkpointer.save(self.step, last_step=self.step == steps)

@@ -53,11 +53,22 @@ def run_steps(config: JobConfig, cache_dir: str, steps: int) -> dict:
     return {"loss": first_loss, "grads": grads, "losses": losses}
 
 
-def _worker(rank: int, world_size: int, port: int, config: JobConfig, cache_dir: str, steps: int, out: str):
+def run_train(config: JobConfig, cache_dir: str, stop_at: int | None = None) -> dict:
+    """``Trainer.train`` as the entry point runs it; returns the logged metrics."""
+    from torchtitan_disagmoe.trainer import Trainer
+
+    trainer = Trainer(config, cache_dir=cache_dir)
+    try:
+        return {"logged": trainer.train(stop_at=stop_at)}
+    finally:
+        trainer.close()
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args: tuple, out: str):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        result = run_steps(config, cache_dir, steps)
+        result = fn(*args)
         if rank == 0:
             torch.save(result, out)
     finally:
@@ -65,13 +76,18 @@ def _worker(rank: int, world_size: int, port: int, config: JobConfig, cache_dir:
             dist.destroy_process_group()
 
 
-def run_distributed(config: JobConfig, world_size: int, cache_dir: str, steps: int = 1) -> dict:
-    """Spawn ``world_size`` gloo ranks running ``run_steps``; returns rank 0's result."""
+def spawn(world_size: int, fn, *args) -> dict:
+    """Run ``fn(*args)`` on ``world_size`` spawned gloo ranks; returns rank 0's result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
-        mp.start_processes(_worker, args=(world_size, free_port(), config, cache_dir, steps, out),
+        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out),
                            nprocs=world_size, join=True, start_method="spawn")
         return torch.load(out, weights_only=False)
+
+
+def run_distributed(config: JobConfig, world_size: int, cache_dir: str, steps: int = 1) -> dict:
+    """``run_steps`` on ``world_size`` gloo ranks; returns rank 0's result."""
+    return spawn(world_size, run_steps, config, cache_dir, steps)
 
 
 def run_single(config: JobConfig, cache_dir: str, steps: int = 1) -> dict:

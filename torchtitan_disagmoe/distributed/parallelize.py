@@ -17,8 +17,9 @@ from .parallel_dims import ParallelDims
 
 def apply_compile(model: nn.Module) -> None:
     """Compile each transformer block separately (token counts per expert vary: dynamic)."""
-    for layer_id, block in model.layers.named_children():
-        model.layers.register_module(layer_id, torch.compile(block, dynamic=True))
+    # Module.compile keeps parameter names unchanged (no ``_orig_mod`` in FQNs).
+    for block in model.layers.values():
+        block.compile(dynamic=True)
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, ignored_params: set[nn.Parameter]) -> None:

@@ -14,7 +14,7 @@ projections, ones for norms); the init rule per name lives in each model's
 ``init_rule``.
 """
 
-import zlib
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,8 +32,9 @@ class InitRule:
 
 
 def _generator(seed: int, name: str, index: int = -1) -> torch.Generator:
-    key = f"{seed}:{name}:{index}".encode()
-    return torch.Generator().manual_seed(zlib.crc32(key) ^ (seed << 32))
+    # A 63-bit hash of (seed, name, index): any integer seed, stable across processes.
+    digest = hashlib.blake2b(f"{seed}:{name}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def _sample(shape: torch.Size, rule: InitRule, gen: torch.Generator) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(kw_only=True)
@@ -105,10 +106,12 @@ class _MaterializeGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16  # CUDA grouped GEMM kernels are bf16
-    return True
+def _grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands (else: per-expert loop)."""
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False  # CUDA grouped GEMM kernels are bf16
+    # The kernels need 16-byte aligned row strides for the model and hidden dims.
+    return all(d * x.element_size() % 16 == 0 for d in w1.shape[1:])
 
 
 class GroupedExperts(nn.Module):
@@ -125,7 +128,7 @@ class GroupedExperts(nn.Module):
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's expert weights as plain tensors (expert parallelism makes them DTensors)."""
         ws = (self.w1, self.w2, self.w3)
-        return tuple(w.to_local() if hasattr(w, "to_local") else w for w in ws)  # type: ignore[return-value]
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in ws)  # type: ignore[return-value]
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
         """Run each local expert on its contiguous block of tokens.
@@ -138,7 +141,11 @@ class GroupedExperts(nn.Module):
             y_ND: expert outputs in the same order (not yet weighted).
         """
         w1, w2, w3 = self.local_weights()
-        if self.use_grouped_mm and _grouped_mm_supported(x_ND):
+        if self.use_grouped_mm and _grouped_mm_supported(x_ND, w1):
+            if torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16:
+                # Inductor's shape rules for _grouped_mm accept bf16 only, although the
+                # eager CPU kernel runs fp32: run this piece eagerly (one graph break).
+                return _experts_grouped_mm_eager(w1, w2, w3, x_ND, tokens_per_expert_e)
             return _experts_grouped_mm(w1, w2, w3, _MaterializeGrad.apply(x_ND), tokens_per_expert_e)
         return _experts_for_loop(w1, w2, w3, x_ND, tokens_per_expert_e)
 
@@ -150,6 +157,11 @@ def _experts_grouped_mm(w1, w2, w3, x_ND, tokens_per_expert_e):
     h_NH = h_NH * torch._grouped_mm(x_ND, w3.transpose(-2, -1), offs=offsets_e)
     out = torch._grouped_mm(h_NH, w2.transpose(-2, -1), offs=offsets_e)
     return _MaterializeGrad.apply(out)
+
+
+@torch.compiler.disable
+def _experts_grouped_mm_eager(w1, w2, w3, x_ND, tokens_per_expert_e):
+    return _experts_grouped_mm(w1, w2, w3, _MaterializeGrad.apply(x_ND), tokens_per_expert_e)
 
 
 def _experts_for_loop(w1, w2, w3, x_ND, tokens_per_expert_e):

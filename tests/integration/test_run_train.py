@@ -1,0 +1,50 @@
+"""``./run_train.sh`` end to end on CPU (torchrun, gloo, 2 ranks), as a user runs it."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_second", "mfu", "memory_gib"}
+
+
+def _run(tmp_path, *overrides, ngpu="2", timeout=300):
+    env = dict(os.environ, NGPU=ngpu, DISAGMOE_CACHE_DIR=str(tmp_path / "cache"))
+    return subprocess.run(
+        ["./run_train.sh", "--job.dump_folder", str(tmp_path / "out"), *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_default_config_trains_and_writes_outputs(tmp_path):
+    proc = _run(tmp_path, "--training.steps", "6", "--metrics.log_freq", "1", "--checkpoint.interval", "3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for record in records:
+        assert REQUIRED_KEYS <= record.keys()
+        assert record["tokens_per_second"] > 0 and 0 < record["mfu"] < 1
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))
+    assert {p.name for p in (tmp_path / "out" / "checkpoint").iterdir()} >= {"step-3", "step-6"}
+
+
+def test_bad_setting_fails_fast_naming_the_key(tmp_path):
+    start = time.monotonic()
+    proc = _run(tmp_path, "--parallelism.expert_parallel_degree", "3", timeout=120)
+    assert proc.returncode != 0
+    assert "parallelism.expert_parallel_degree = 3" in proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60
+    # Nothing was written: a refused launch leaves no half-made outputs.
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_unknown_key_is_refused(tmp_path):
+    proc = _run(tmp_path, "--training.stepz", "3", ngpu="1", timeout=120)
+    assert proc.returncode != 0
+    assert "unknown key 'training.stepz'" in proc.stdout + proc.stderr
