@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Use the project's virtualenv when none is active (README: ./scripts/setup.sh makes it).
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
+  export PATH="$PWD/.venv/bin:$PATH"
+fi
+
 CONFIG_FILE=${CONFIG_FILE:-"./train_configs/debug_model.toml"}
 if [ -z "${NGPU:-}" ]; then
   NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 2)")

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_second", "mfu", 
 
 
 def _run(tmp_path, *overrides, ngpu="2", timeout=300):
-    env = dict(os.environ, NGPU=ngpu, DISAGMOE_CACHE_DIR=str(tmp_path / "cache"))
+    # The interpreter running the tests provides python and torchrun for the script.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, NGPU=ngpu, DISAGMOE_CACHE_DIR=str(tmp_path / "cache"), PATH=path)
     return subprocess.run(
         ["./run_train.sh", "--job.dump_folder", str(tmp_path / "out"), *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
