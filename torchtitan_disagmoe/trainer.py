@@ -9,6 +9,7 @@ A training step: forward and backward on this rank's sequences, expert-gradient
 reduction, global-norm clipping, aux-loss-free bias update, optimizer step.
 """
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from torchtitan_disagmoe.components.metrics import (
     MetricsLogger, peak_memory_gib, resolve_peak_flops, setup_logging)
 from torchtitan_disagmoe.components.optimizer import build_lr_schedulers, build_optimizers
 from torchtitan_disagmoe.config.job_config import JobConfig
+from torchtitan_disagmoe.config.manager import config_to_dict
 from torchtitan_disagmoe.data.dataloader import build_dataloader
 from torchtitan_disagmoe.data.tokenizer import build_tokenizer, check_vocab
 from torchtitan_disagmoe.distributed.expert_parallel import reduce_expert_grads
@@ -64,13 +66,15 @@ class Trainer:
         self.rank, _, self.world_size = world_info()
         config.validate(self.world_size)  # before any process group can hang
         setup_logging(self.rank)
+        if config.job.print_config:
+            logger.info(f"config: {json.dumps(config_to_dict(config), indent=2)}")
         self.device = init_distributed(self.world_size)
         if self.device.type == "cpu":
             threads = set_cpu_threads(config.training.threads_per_rank)
             logger.info(f"CPU run: {threads} torch threads per rank")
         torch.manual_seed(config.training.seed)
 
-        self.dims = ParallelDims(self.world_size, config.parallelism.expert_parallel_degree)
+        self.dims = ParallelDims(self.world_size, config.expert_parallel_degree(self.world_size))
         self.dims.build_meshes(self.device.type)
         self.spec = get_model_spec(config.model.name)
         self.model_args = self.spec.get_flavor(config.model.flavor)

@@ -267,3 +267,14 @@ def test_validate_af_pipe_refused():
 def test_validate_pipeline_parallel_refused():
     with pytest.raises(ValueError, match=r"parallelism\.pipeline_parallel_degree"):
         _validate(2, "--parallelism.pipeline_parallel_degree", "2")
+
+
+def test_expert_parallel_degree_minus_one_means_all_ranks():
+    """The default job file uses -1 so it runs on NGPU 1, 2 or 4 unchanged."""
+    config = _load("--job.config_file", str(DEBUG_TOML))
+    assert config.parallelism.expert_parallel_degree == -1
+    for world in (1, 2, 4):
+        config.validate(world)
+        assert config.expert_parallel_degree(world) == world
+    with pytest.raises(ValueError, match=r"parallelism\.expert_parallel_degree = -2"):
+        _load("--parallelism.expert_parallel_degree", "-2")

@@ -151,7 +151,8 @@ class Parallelism:
     data_parallel_shard_degree: int = -1
     """FSDP2 degree over the data-parallel ranks; -1: all of them."""
     expert_parallel_degree: int = 1
-    """Ranks the experts of each MoE layer are sharded over (colocated mode)."""
+    """Ranks the experts of each MoE layer are sharded over (colocated mode); -1: all
+    ranks (so one job file runs on any NGPU that divides the experts)."""
     pipeline_parallel_degree: int = 1
     """Pipeline stages for colocated runs (1: no pipeline parallelism)."""
     pipeline_parallel_schedule: str = "1F1B"
@@ -162,7 +163,10 @@ class Parallelism:
             raise ValueError(
                 f"parallelism.data_parallel_shard_degree = {self.data_parallel_shard_degree} "
                 "must be -1 (all data-parallel ranks) or a positive rank count")
-        _check_positive("parallelism.expert_parallel_degree", self.expert_parallel_degree)
+        if self.expert_parallel_degree == 0 or self.expert_parallel_degree < -1:
+            raise ValueError(
+                f"parallelism.expert_parallel_degree = {self.expert_parallel_degree} "
+                "must be -1 (all ranks) or a positive rank count")
         _check_positive("parallelism.pipeline_parallel_degree", self.pipeline_parallel_degree)
         _check_choice("parallelism.pipeline_parallel_schedule",
                       self.pipeline_parallel_schedule, PIPELINE_SCHEDULES)
@@ -240,6 +244,11 @@ class JobConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
 
+    def expert_parallel_degree(self, world_size: int) -> int:
+        """The expert-parallel degree with -1 resolved to ``world_size``."""
+        ep = self.parallelism.expert_parallel_degree
+        return world_size if ep == -1 else ep
+
     def validate(self, world_size: int) -> None:
         """Cross-section checks against the launch; call before any process group exists.
 
@@ -265,7 +274,7 @@ class JobConfig:
             raise ValueError(
                 f"parallelism.data_parallel_shard_degree = {par.data_parallel_shard_degree} "
                 f"but colocated mode shards over all {dp} ranks; set it to -1 or {dp}")
-        ep = par.expert_parallel_degree
+        ep = self.expert_parallel_degree(world_size)
         if world_size % ep != 0:
             raise ValueError(
                 f"parallelism.expert_parallel_degree = {ep} must divide the number of ranks "
