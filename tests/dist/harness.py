@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from torchtitan_disagmoe.config.job_config import JobConfig
-from torchtitan_disagmoe.distributed.utils import all_reduce_mean
 
 _ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -23,15 +22,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's whole gradient (collective for sharded ones: call on all ranks)."""
+def gather_grads(model: torch.nn.Module, world_size: int) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient, collected from whichever ranks hold it.
+
+    Collective: call on all ranks. Sharded gradients are made whole on their mesh; then
+    every rank's dict is gathered and merged (in the disaggregated layout each rank holds
+    only some parameters), checking that replicas agree.
+    """
     grads = {}
     for name, param in model.named_parameters():
         grad = param.grad
         if isinstance(grad, DTensor):
             grad = grad.full_tensor()
         grads[name] = grad.detach().clone().cpu()
-    return grads
+    if world_size == 1:
+        return grads
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, grads)
+    merged: dict[str, torch.Tensor] = {}
+    for rank_grads in everyone:
+        for name, grad in rank_grads.items():
+            if name in merged:
+                torch.testing.assert_close(grad, merged[name], rtol=0, atol=0, msg=f"replicas of {name} differ")
+            merged[name] = grad
+    return merged
 
 
 def run_steps(config: JobConfig, cache_dir: str, steps: int) -> dict:
@@ -40,12 +54,13 @@ def run_steps(config: JobConfig, cache_dir: str, steps: int) -> dict:
 
     trainer = Trainer(config, cache_dir=cache_dir)
     try:
-        inputs, labels = next(trainer.data_iter)
+        inputs, labels = trainer.next_batch()
         trainer.optimizers.zero_grad()
         loss = trainer.forward_backward(inputs, labels)
-        grads = full_grads(trainer.model)
-        first_loss = all_reduce_mean(loss, trainer.world_size).item()
-        losses = [trainer.optimizer_step(loss, inputs.numel() * trainer.dims.dp)["loss"]]
+        grads = gather_grads(trainer.model, trainer.world_size)
+        metrics = trainer.optimizer_step(loss)
+        first_loss = metrics["loss"]
+        losses = [first_loss]
         for _ in range(steps - 1):
             losses.append(trainer.train_step()["loss"])
     finally:

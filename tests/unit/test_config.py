@@ -258,10 +258,30 @@ def test_validate_seq_len_exceeds_max():
     assert "2048" in str(info.value)
 
 
-def test_validate_af_pipe_refused():
-    with pytest.raises(ValueError, match=r"disagmoe\.mode") as info:
-        _validate(4, "--disagmoe.mode", "af_pipe")
-    assert "colocated" in str(info.value)
+def _af(*extra):
+    return ("--disagmoe.mode", "af_pipe", *extra)
+
+
+def test_validate_af_pipe_accepts_good_layouts():
+    for a, f, p in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2), (4, 4, 4)]:
+        _validate(a + f, *_af("--disagmoe.attention_ranks", str(a), "--disagmoe.expert_ranks", str(f),
+                              "--disagmoe.pipeline_depth", str(p)))
+
+
+@pytest.mark.parametrize("world,a,f,p,key", [
+    (4, 2, 1, 1, "NGPU = 4"),                       # A + F != world
+    (2, 0, 2, 1, "disagmoe.attention_ranks"),       # empty pool
+    (3, 1, 2, 2, "disagmoe.attention_ranks = 1"),   # p does not divide A
+    (3, 2, 1, 2, "disagmoe.expert_ranks = 1"),      # p does not divide F
+    (6, 3, 3, 3, "4 layers"),                       # p does not divide L
+    (10, 5, 5, 5, "exceeds the model's 4 layers"),  # p > L
+    (4, 1, 3, 1, "8 experts"),                      # experts do not split over the group
+])
+def test_validate_bad_af_pipe_layouts(world, a, f, p, key):
+    with pytest.raises(ValueError) as info:
+        _validate(world, *_af("--disagmoe.attention_ranks", str(a), "--disagmoe.expert_ranks", str(f),
+                              "--disagmoe.pipeline_depth", str(p)))
+    assert key in str(info.value) and "disagmoe." in str(info.value)
 
 
 def test_validate_pipeline_parallel_refused():

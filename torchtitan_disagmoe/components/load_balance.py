@@ -23,8 +23,12 @@ def configure_load_balance(moes: list[MoE], mode: str, aux_loss_coeff: float) ->
 
 
 @torch.no_grad()
-def update_expert_bias(moes: list[MoE], rate: float, enabled: bool, world_size: int) -> torch.Tensor | None:
+def update_expert_bias(moes: list[MoE], rate: float, enabled: bool, group: dist.ProcessGroup | None,
+                       world_size: int) -> torch.Tensor | None:
     """Apply the aux-loss-free bias update and reset the token counters.
+
+    Args:
+        group: the ranks that route the same layers for different sequences (None: all).
 
     Returns:
         The global tokens-per-expert counts, shape (layers, E), or None without MoE layers.
@@ -33,7 +37,7 @@ def update_expert_bias(moes: list[MoE], rate: float, enabled: bool, world_size: 
         return None
     counts_LE = torch.stack([moe.tokens_per_expert for moe in moes])
     if world_size > 1:
-        dist.all_reduce(counts_LE)
+        dist.all_reduce(counts_LE, group=group)
     if enabled and rate > 0:
         delta_LE = rate * torch.sign(counts_LE.mean(dim=1, keepdim=True) - counts_LE)
         delta_LE -= delta_LE.mean(dim=1, keepdim=True)  # keep the bias centred

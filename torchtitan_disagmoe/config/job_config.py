@@ -262,9 +262,20 @@ class JobConfig:
         args.validate_seq_len(self.training.seq_len)
         par, dis = self.parallelism, self.disagmoe
         if dis.mode == "af_pipe":
-            raise ValueError(
-                "disagmoe.mode = 'af_pipe' is not available in this build yet; "
-                "use disagmoe.mode = 'colocated'")
+            from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
+
+            DisaggDims(dis.attention_ranks, dis.expert_ranks, dis.pipeline_depth, args.n_layers,
+                       args.moe.num_experts).validate(world_size)
+            if self.compile.enable:
+                raise ValueError("compile.enable = true is not supported with disagmoe.mode = 'af_pipe' "
+                                 "yet; set compile.enable = false")
+            if dis.microbatches != 1:
+                raise ValueError(f"disagmoe.microbatches = {dis.microbatches}: micro-batch pipelining "
+                                 "arrives with the AF-Pipe schedule; set it to 1")
+            if par.pipeline_parallel_degree != 1:
+                raise ValueError("parallelism.pipeline_parallel_degree applies to colocated runs; "
+                                 "af_pipe pipelines with disagmoe.pipeline_depth. Set it to 1")
+            return
         if par.pipeline_parallel_degree != 1:
             raise ValueError(
                 f"parallelism.pipeline_parallel_degree = {par.pipeline_parallel_degree}: "

@@ -105,31 +105,38 @@ class AllToAllTokenDispatcher:
         return unsort_and_combine(y_ND, state.order_N, state.weights_TK)
 
 
-def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh) -> list[nn.Parameter]:
-    """Shard every MoE layer's experts over the ``ep`` dim of ``expert_mesh`` (in place).
+def shard_experts(experts: nn.Module, expert_mesh: DeviceMesh) -> list[nn.Parameter]:
+    """Replace ``experts.w1/w2/w3`` (E, ...) by this rank's (E/ep, ...) block, in place.
 
-    Works on a meta-device model before materialisation: each rank keeps an (e, ...)
-    local block, wrapped as a DTensor (Replicate over ``edp``, Shard(0) over ``ep``) so
-    that DCP saves and loads the whole expert tensor under the usual FQN.
+    Works on a meta-device model before materialisation. The block is wrapped as a
+    DTensor, Shard(0) over the mesh's ``ep`` dim (and Replicate over ``edp`` if the mesh has
+    it), so that DCP saves and loads the whole expert tensor under the usual FQN.
+    """
+    ep_mesh = expert_mesh["ep"] if expert_mesh.ndim > 1 else expert_mesh
+    ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    placements = [Replicate()] * (expert_mesh.ndim - 1) + [Shard(0)]
+    params = []
+    for name in ("w1", "w2", "w3"):
+        full = getattr(experts, name)
+        local = full.detach().chunk(ep_size, dim=0)[ep_rank].clone()
+        dparam = nn.Parameter(DTensor.from_local(local, expert_mesh, placements, run_check=False))
+        setattr(experts, name, dparam)
+        params.append(dparam)
+    return params
+
+
+def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh) -> list[nn.Parameter]:
+    """Colocated EP: shard every MoE layer's experts over ``ep`` and swap in the
+    all-to-all dispatcher (in place, on a meta-device model).
 
     Returns:
         The expert parameters (their gradients need ``reduce_expert_grads``).
     """
-    ep_size = expert_mesh["ep"].size()
-    ep_rank = expert_mesh["ep"].get_local_rank()
-    placements = [Replicate(), Shard(0)]
     expert_params = []
     for module in model.modules():
-        if not isinstance(module, MoE):
-            continue
-        experts = module.experts
-        for name in ("w1", "w2", "w3"):
-            full = getattr(experts, name)
-            local = full.detach().chunk(ep_size, dim=0)[ep_rank].clone()
-            dparam = nn.Parameter(DTensor.from_local(local, expert_mesh, placements, run_check=False))
-            setattr(experts, name, dparam)
-            expert_params.append(dparam)
-        module.dispatcher = AllToAllTokenDispatcher(expert_mesh.get_group("ep"), module.args.num_experts)
+        if isinstance(module, MoE):
+            expert_params += shard_experts(module.experts, expert_mesh)
+            module.dispatcher = AllToAllTokenDispatcher(expert_mesh.get_group("ep"), module.args.num_experts)
     return expert_params
 
 

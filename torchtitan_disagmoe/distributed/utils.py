@@ -41,7 +41,7 @@ def init_distributed(world_size: int, timeout_s: float = 300.0) -> torch.device:
     return device
 
 
-def _replication(param: torch.Tensor, world_size: int) -> int:
+def _replication(param: torch.Tensor, plain_replicas: int) -> int:
     """How many ranks hold an identical copy of this rank's block of ``param``."""
     if isinstance(param, DTensor):
         copies = 1
@@ -49,19 +49,22 @@ def _replication(param: torch.Tensor, world_size: int) -> int:
             if isinstance(placement, Replicate):
                 copies *= size
         return copies
-    return world_size
+    return plain_replicas
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, world_size: int) -> torch.Tensor:
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, world_size: int,
+                    plain_replicas: int | None = None) -> torch.Tensor:
     """Clip gradients by their global L2 norm over every rank; returns the norm.
 
     Handles a mix of FSDP2 shards, expert-parallel shards (replicated over edp) and plain
     tensors in one all-reduce: each rank adds the squares of its own blocks divided by
-    how many ranks hold the same block. ``torch.nn.utils.clip_grad_norm_`` cannot mix
+    how many ranks hold the same block (``plain_replicas`` for plain tensors: all ranks
+    by default, the attention-group size in af_pipe). ``torch.nn.utils.clip_grad_norm_`` cannot mix
     DTensors from different meshes, which is why this is ours.
     """
-    grads = [(p.grad, _replication(p, world_size)) for p in params if p.grad is not None]
+    replicas = world_size if plain_replicas is None else plain_replicas
+    grads = [(p.grad, _replication(p, replicas)) for p in params if p.grad is not None]
     device = grads[0][0].device if grads else torch.device("cpu")
     total_sq = torch.zeros((), dtype=torch.float64, device=device)
     for grad, copies in grads:
@@ -76,12 +79,3 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, world_siz
             for grad, _ in grads:
                 (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coef)
     return total_norm
-
-
-def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Mean of a scalar over all ranks (for logging)."""
-    if world_size == 1:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / world_size

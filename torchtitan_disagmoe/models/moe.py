@@ -301,23 +301,35 @@ class MoE(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
 
     def init_buffers(self) -> None:
-        self.expert_bias.zero_()
-        self.tokens_per_expert.zero_()
+        # A disaggregated expert rank drops the router and its buffers (split_model).
+        for name in ("expert_bias", "tokens_per_expert"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).zero_()
+
+    def route(self, x_TD: torch.Tensor) -> Routing:
+        """Step 1: choose experts for each token and count them for load balancing."""
+        routing = self.router(x_TD, self.expert_bias if self.use_expert_bias else None)
+        with torch.no_grad():
+            self.tokens_per_expert += count_tokens_per_expert(routing.expert_ids_TK, self.args.num_experts)
+        return routing
+
+    def attach_aux_loss(self, out: torch.Tensor, routing: Routing, batch_size: int) -> torch.Tensor:
+        """Make backward through ``out`` also train the router on the balance loss."""
+        if self.aux_loss_coeff > 0 and torch.is_grad_enabled():
+            aux = self.aux_loss_coeff * sequence_balance_loss(routing, batch_size, self.args.top_k)
+            self.last_aux_loss = aux.detach()
+            out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
+        return out
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Route, dispatch, run experts, combine; input and output are (B, S, D)."""
         batch_size, _, dim = x_BSD.shape
         x_TD = x_BSD.reshape(-1, dim)
-        routing = self.router(x_TD, self.expert_bias if self.use_expert_bias else None)
-        with torch.no_grad():
-            self.tokens_per_expert += count_tokens_per_expert(routing.expert_ids_TK, self.args.num_experts)
+        routing = self.route(x_TD)
         x_ND, tokens_per_expert_e, state = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, tokens_per_expert_e)
         out_TD = self.dispatcher.combine(y_ND, state)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        if self.aux_loss_coeff > 0 and torch.is_grad_enabled():
-            aux = self.aux_loss_coeff * sequence_balance_loss(routing, batch_size, self.args.top_k)
-            self.last_aux_loss = aux.detach()
-            out_TD = AuxLossInjector.apply(out_TD, aux, self.aux_loss_scale)
+        out_TD = self.attach_aux_loss(out_TD, routing, batch_size)
         return out_TD.view_as(x_BSD)

@@ -1,0 +1,64 @@
+"""Cut the full model down to what one rank of a disaggregated run owns.
+
+Every rank builds the whole model on the meta device (no memory), keeps the modules of
+its role and drops the rest, then materialises and initialises only what it kept. Names
+(FQNs) are untouched, so a checkpoint moves between disaggregated and colocated layouts.
+
+What lives where (DESIGN.md section 2; our choices for the open points):
+- attention rank of group g, for its layers l = g, g+p, ...: attention_norm, attention,
+  ffn_norm, the router (and its ``expert_bias``), shared experts, and whole dense FFN
+  layers. Shared experts stay with attention: they see every token, so running them where
+  the tokens are moves no bytes and keeps the expert pool's work purely routed.
+- ``tok_embeddings`` on attention group 0 (layer 0's group);
+- ``norm`` and ``output`` (head and loss) on attention group ``L mod p``, the group that
+  would run layer L: the last combine goes there like any other, and with p = 1 the head
+  sits on the rank that owns the sequences.
+- expert rank of group g: only ``moe.experts`` of its MoE layers, sharded over the group.
+"""
+
+from torch import nn
+
+from .disagg_dims import DisaggDims
+from .expert_parallel import shard_experts
+
+_ATTENTION_SIDE = ("attention", "attention_norm", "ffn_norm", "feed_forward")
+
+
+def split_model(model: nn.Module, dims: DisaggDims, rank: int) -> list[nn.Parameter]:
+    """Drop, in place, every module this rank does not own; shard its experts.
+
+    Call on a meta-device model, before ``to_empty``.
+
+    Returns:
+        The expert parameters of this rank (empty on attention ranks).
+    """
+    role = dims.role(rank)
+    mine = set(dims.layers_of_group(role.group))
+    for layer_id in list(model.layers.keys()):
+        if int(layer_id) not in mine:
+            del model.layers[layer_id]
+    if role.pool == "attention":
+        if role.group != 0:
+            model.tok_embeddings = None
+        if role.group != dims.head_group:
+            model.norm = None
+            model.output = None
+        for block in model.layers.values():
+            if block.moe_enabled:
+                block.moe.experts = None
+        return []
+    model.tok_embeddings = model.norm = model.output = None
+    expert_params = []
+    for layer_id in list(model.layers.keys()):
+        block = model.layers[layer_id]
+        if not block.moe_enabled:
+            del model.layers[layer_id]  # dense layers run wholly on the attention pool
+            continue
+        for name in _ATTENTION_SIDE:
+            if hasattr(block, name):
+                setattr(block, name, None)
+        moe = block.moe
+        moe.router = moe.shared_experts = None
+        del moe.expert_bias, moe.tokens_per_expert
+        expert_params += shard_experts(moe.experts, dims.meshes[("expert", role.group)])
+    return expert_params

@@ -1,0 +1,148 @@
+"""The two ways a job places the model on its ranks, behind one small interface.
+
+- ``ColocatedLayout`` (``disagmoe.mode = "colocated"``): every rank holds attention
+  (FSDP2 over all ranks) and a slice of the experts (expert parallelism, all-to-all).
+- ``DisaggregatedLayout`` (``"af_pipe"``): attention pool and expert pool on disjoint
+  ranks, joined by M2N dispatch / N2M combine (distributed/af_engine.py).
+
+The trainer only sees: the model part to optimise and checkpoint, which data-parallel
+slice of the batch this rank reads (if any), ``forward_backward``, and how to average a
+value over the job. After ``forward_backward`` every gradient on every rank is that of the
+mean loss over the global batch, i.e. what a single process computes.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from torchtitan_disagmoe.config.job_config import JobConfig
+from torchtitan_disagmoe.distributed.af_engine import DisaggregatedEngine
+from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
+from torchtitan_disagmoe.distributed.disagg_model import split_model
+from torchtitan_disagmoe.distributed.dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL,
+                                                      RESIDUAL_GRAD)
+from torchtitan_disagmoe.distributed.expert_parallel import reduce_expert_grads
+from torchtitan_disagmoe.distributed.parallel_dims import ParallelDims
+from torchtitan_disagmoe.distributed.parallelize import parallelize_model
+from torchtitan_disagmoe.models import ModelSpec
+from torchtitan_disagmoe.models.args import MoETransformerArgs
+from torchtitan_disagmoe.models.init import init_model_weights_
+
+
+def materialize(model: nn.Module, spec: ModelSpec, args: MoETransformerArgs, device: torch.device, seed: int) -> None:
+    """Allocate a (possibly cut and sharded) meta model on ``device`` and initialise it by name."""
+    model.to_empty(device=device)
+    init_model_weights_(model, lambda name: spec.init_rule(name, args.dim), seed)
+
+
+def _sum_over_job(value: float, world_size: int) -> float:
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+class ColocatedLayout:
+    def __init__(self, config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int,
+                 world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.dims = ParallelDims(world_size, config.expert_parallel_degree(world_size))
+        self.dims.build_meshes(device.type)
+        with torch.device("meta"):
+            self.model = spec.model_cls(args)
+        self.expert_params = parallelize_model(self.model, self.dims, config.compile.enable)
+        materialize(self.model, spec, args, device, config.training.seed)
+        self.dp_rank, self.dp_degree, self.has_data = rank, world_size, True
+        self.router_group = None  # load-balance counts are summed over all ranks
+        self.plain_param_replicas = world_size
+
+    def describe(self) -> str:
+        return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}"
+
+    def forward_backward(self, inputs, labels, loss_scale: float = 1.0) -> torch.Tensor:
+        logits = self.model(inputs.to(self.device))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.device).flatten())
+        (loss * loss_scale).backward()
+        return loss.detach()
+
+    def finish_gradients(self) -> None:
+        if self.expert_params:
+            reduce_expert_grads(self.expert_params, self.dims.expert_mesh, self.dims.dp)
+
+    def mean_over_batch(self, value: float | None) -> float:
+        """Average of a per-rank value (every rank holds one) over the data-parallel ranks."""
+        return _sum_over_job(value, self.world_size) / self.world_size
+
+    def comm_bytes(self) -> dict[str, float]:
+        return {}
+
+
+class DisaggregatedLayout:
+    def __init__(self, config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int,
+                 world_size: int, device: torch.device):
+        d = config.disagmoe
+        if config.compile.enable:
+            raise ValueError("compile.enable is not supported with disagmoe.mode = 'af_pipe' yet; set it to false")
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.dims = DisaggDims(d.attention_ranks, d.expert_ranks, d.pipeline_depth, args.n_layers,
+                               args.moe.num_experts)
+        self.dims.validate(world_size)
+        self.dims.build_meshes(device.type, rank)
+        self.role = self.dims.role(rank)
+        with torch.device("meta"):
+            self.model = spec.model_cls(args)
+        self.expert_params = split_model(self.model, self.dims, rank)
+        materialize(self.model, spec, args, device, config.training.seed)
+        moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
+        self.engine = DisaggregatedEngine(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device)
+        self.has_data = self.role.pool == "attention"
+        self.dp_rank, self.dp_degree = (self.role.index if self.has_data else 0), self.dims.dp
+        self.router_group = self.dims.my_group(rank)
+        self.plain_param_replicas = self.dims.dp  # attention parameters: one copy per group rank
+
+    def describe(self) -> str:
+        dm = self.dims
+        return (f"af_pipe: attention {dm.attention_ranks} ranks, experts {dm.expert_ranks} ranks, "
+                f"p = {dm.pipeline_depth} (dp {dm.dp}, ep {dm.ep}); this rank: {self.role}")
+
+    def forward_backward(self, inputs, labels, loss_scale: float = 1.0) -> torch.Tensor | None:
+        return self.engine.forward_backward(inputs, labels, loss_scale)
+
+    @torch.no_grad()
+    def finish_gradients(self) -> None:
+        """Average attention gradients over the group; experts saw every group rank's tokens."""
+        for param in self.model.parameters():
+            if param.grad is None:  # e.g. experts that received no token this step
+                param.grad = torch.zeros_like(param)
+        if self.role.pool == "attention":
+            if self.dims.dp > 1:
+                group = self.dims.my_group(self.rank)
+                for param in self.model.parameters():
+                    dist.all_reduce(param.grad, group=group)
+                    param.grad.div_(self.dims.dp)
+        else:
+            for param in self.expert_params:
+                param.grad.to_local().div_(self.dims.dp)
+
+    def mean_over_batch(self, value: float | None) -> float:
+        """Average over the data-parallel index of a value held by one attention group
+        (pass None on ranks that do not hold it)."""
+        return _sum_over_job(value or 0.0, self.world_size) / self.dims.dp
+
+    def comm_bytes(self) -> dict[str, float]:
+        """Bytes sent per step by all ranks, by edge (collective: call on every rank)."""
+        sent = self.engine.stats.reset()
+        kinds = {"dispatch_bytes": DISPATCH, "combine_bytes": COMBINE, "residual_bytes": RESIDUAL,
+                 "dispatch_grad_bytes": DISPATCH_GRAD, "combine_grad_bytes": COMBINE_GRAD,
+                 "residual_grad_bytes": RESIDUAL_GRAD}
+        values = torch.tensor([float(sent.get(k, 0)) for k in kinds.values()], dtype=torch.float64)
+        dist.all_reduce(values)
+        return dict(zip(kinds, values.tolist()))
+
+
+def build_layout(config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int, world_size: int,
+                 device: torch.device):
+    cls = DisaggregatedLayout if config.disagmoe.mode == "af_pipe" else ColocatedLayout
+    return cls(config, spec, args, rank, world_size, device)
