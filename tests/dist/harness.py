@@ -2,6 +2,7 @@
 losses and full gradients for parity checks against the single-process reference."""
 
 import os
+from dataclasses import replace
 import socket
 import tempfile
 from pathlib import Path
@@ -12,6 +13,13 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from torchtitan_disagmoe.config.job_config import JobConfig
+from torchtitan_disagmoe.models.qwen3_moe import qwen3_moe_flavors
+
+# Test-only flavors for routing edge cases (registered in every spawned rank too, since
+# the workers import this module to find their function).
+_debug = qwen3_moe_flavors["debug"]
+qwen3_moe_flavors.setdefault("debug_top1", replace(_debug, moe=replace(_debug.moe, top_k=1)))
+qwen3_moe_flavors.setdefault("debug_top6", replace(_debug, moe=replace(_debug.moe, top_k=6)))
 
 _ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -48,11 +56,23 @@ def gather_grads(model: torch.nn.Module, world_size: int) -> dict[str, torch.Ten
     return merged
 
 
-def run_steps(config: JobConfig, cache_dir: str, steps: int) -> dict:
-    """Train ``steps`` steps; gradients are captured at step 1 before clipping."""
+def route_everything_to_expert_0(trainer) -> None:
+    """Edge case: a huge routing bias sends every token to expert 0 (and the next ones)."""
+    for moe in trainer.moes:
+        moe.expert_bias.copy_(-100.0 * torch.arange(moe.expert_bias.numel(), dtype=torch.float32))
+
+
+def run_steps(config: JobConfig, cache_dir: str, steps: int, prepare=None) -> dict:
+    """Train ``steps`` steps; gradients are captured at step 1 before clipping.
+
+    Args:
+        prepare: optional module-level function called with the trainer before step 1.
+    """
     from torchtitan_disagmoe.trainer import Trainer
 
     trainer = Trainer(config, cache_dir=cache_dir)
+    if prepare is not None:
+        prepare(trainer)
     try:
         inputs, labels = trainer.next_batch()
         trainer.optimizers.zero_grad()
@@ -100,15 +120,15 @@ def spawn(world_size: int, fn, *args) -> dict:
         return torch.load(out, weights_only=False)
 
 
-def run_distributed(config: JobConfig, world_size: int, cache_dir: str, steps: int = 1) -> dict:
+def run_distributed(config: JobConfig, world_size: int, cache_dir: str, steps: int = 1, prepare=None) -> dict:
     """``run_steps`` on ``world_size`` gloo ranks; returns rank 0's result."""
-    return spawn(world_size, run_steps, config, cache_dir, steps)
+    return spawn(world_size, run_steps, config, cache_dir, steps, prepare)
 
 
-def run_single(config: JobConfig, cache_dir: str, steps: int = 1) -> dict:
+def run_single(config: JobConfig, cache_dir: str, steps: int = 1, prepare=None) -> dict:
     """The reference: one process, no process group."""
     saved = {k: os.environ.pop(k) for k in _ENV_KEYS if k in os.environ}
     try:
-        return run_steps(config, cache_dir, steps)
+        return run_steps(config, cache_dir, steps, prepare)
     finally:
         os.environ.update(saved)

@@ -29,6 +29,11 @@ from .dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL,
                        exchange_known, exchange_rows, make_tag)
 
 
+def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
+    """The gradient of a stage input; zeros when no path reached it (e.g. no rows)."""
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
 def global_program(num_layers: int, moe_layers: list[bool], pipeline_depth: int) -> list[tuple[str, int]]:
     """The operations of one micro-batch's forward and backward, in a deadlock-free order."""
     ops: list[tuple[str, int]] = []
@@ -204,7 +209,7 @@ class DisaggregatedEngine:
         if self._is_attention_of(layer + 1):
             rec = self.records[("A", layer + 1)]
             rows = rec.inputs[1:]
-            send = {f: [r.grad] for (f, _), r in zip(rec.extra["combine_sources"], rows)}
+            send = {f: [_grad_or_zeros(r)] for (f, _), r in zip(rec.extra["combine_sources"], rows)}
             exchange_known(send, {}, tag, self.stats, COMBINE_GRAD)
         elif self._is_expert_of(layer):
             rec = self.records[("F", layer)]
@@ -223,7 +228,7 @@ class DisaggregatedEngine:
         if self._is_expert_of(layer):
             rec = self.records[("F", layer)]
             pairs = zip(rec.inputs[0::2], rec.inputs[1::2])
-            send = {a: [x.grad, w.grad] for a, (x, w) in zip(rec.extra["sources"], pairs)}
+            send = {a: [_grad_or_zeros(x), _grad_or_zeros(w)] for a, (x, w) in zip(rec.extra["sources"], pairs)}
             exchange_known(send, {}, tag, self.stats, DISPATCH_GRAD)
         elif self._is_attention_of(layer):
             rec = self.records[("A", layer)]

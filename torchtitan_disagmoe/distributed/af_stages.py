@@ -71,12 +71,12 @@ def run_local_experts(experts: GroupedExperts, x_MD: torch.Tensor, weights_MK: t
     valid_N = (flat_ids >= 0).nonzero().squeeze(1)
     ids_N = flat_ids[valid_N]
     slot_N = valid_N[torch.argsort(ids_N, stable=True)]  # (row, k) slots grouped by expert
-    tokens_per_expert_e = count_tokens_per_expert(ids_N, experts.w1.shape[0])
+    tokens_per_expert_e = count_tokens_per_expert(ids_N, experts.local_weights()[0].shape[0])
     y_ND = experts(x_MD[slot_N // top_k], tokens_per_expert_e)
     y_ND = y_ND * weights_MK.reshape(-1)[slot_N].unsqueeze(1).to(y_ND.dtype)
     # Scatter into (row, slot) then sum over slots: deterministic, no atomics.
     out = y_ND.new_zeros(num_rows * top_k, y_ND.shape[1]).index_copy(0, slot_N, y_ND)
-    return out.view(num_rows, top_k, -1).sum(dim=1)
+    return out.view(num_rows, top_k, x_MD.shape[1]).sum(dim=1)
 
 
 @dataclass
