@@ -22,7 +22,7 @@ from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
 from torchtitan_disagmoe.distributed.disagg_model import split_model
 from torchtitan_disagmoe.distributed.dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL,
                                                       RESIDUAL_GRAD)
-from torchtitan_disagmoe.distributed.expert_parallel import reduce_expert_grads
+from torchtitan_disagmoe.distributed.expert_parallel import AllToAllTokenDispatcher, reduce_expert_grads
 from torchtitan_disagmoe.distributed.parallel_dims import ParallelDims
 from torchtitan_disagmoe.distributed.parallelize import parallelize_model
 from torchtitan_disagmoe.models import ModelSpec
@@ -76,7 +76,17 @@ class ColocatedLayout:
         return _sum_over_job(value, self.world_size) / self.world_size
 
     def comm_bytes(self) -> dict[str, float]:
-        return {}
+        """All-to-all bytes sent to other ranks per step, all ranks (collective)."""
+        dispatchers = [m.dispatcher for m in self.model.modules()
+                       if isinstance(getattr(m, "dispatcher", None), AllToAllTokenDispatcher)]
+        if not dispatchers:
+            return {}
+        values = torch.zeros(2, dtype=torch.float64)
+        for d in dispatchers:
+            values += torch.tensor([d.bytes_sent["dispatch"], d.bytes_sent["combine"]], dtype=torch.float64)
+            d.bytes_sent = {"dispatch": 0, "combine": 0}
+        dist.all_reduce(values)
+        return {"dispatch_bytes": values[0].item(), "combine_bytes": values[1].item()}
 
 
 class DisaggregatedLayout:

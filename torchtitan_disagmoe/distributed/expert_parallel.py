@@ -83,8 +83,14 @@ class AllToAllTokenDispatcher:
     def __init__(self, group: dist.ProcessGroup, num_experts: int):
         self.group = group
         self.ep = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
         self.num_experts = num_experts
         self.local_experts = num_experts // self.ep
+        self.bytes_sent = {"dispatch": 0, "combine": 0}  # to other ranks, forward only
+
+    def _count(self, kind: str, splits: list[int], row: torch.Tensor) -> None:
+        rows = sum(splits) - splits[self.ep_rank]
+        self.bytes_sent[kind] += rows * row.shape[-1] * row.element_size()
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         x_ND, counts_E, order_N = sort_by_expert(x_TD, routing, self.num_experts)
@@ -94,6 +100,7 @@ class AllToAllTokenDispatcher:
         send_splits = counts_Re.sum(1).tolist()
         recv_splits = recv_counts_Re.sum(1).tolist()
         x_MD = all_to_all(x_ND, recv_splits, send_splits, self.group)
+        self._count("dispatch", send_splits, x_ND)
         regroup_M = block_regroup_index(recv_counts_Re)
         state = AllToAllDispatchState(order_N, routing.weights_TK, regroup_M, send_splits, recv_splits)
         return x_MD[regroup_M], recv_counts_Re.sum(0), state
@@ -102,6 +109,7 @@ class AllToAllTokenDispatcher:
         inverse_M = torch.empty_like(state.regroup_index_M)
         inverse_M[state.regroup_index_M] = torch.arange(len(inverse_M), device=inverse_M.device)
         y_ND = all_to_all(y_MD[inverse_M], state.send_splits, state.recv_splits, self.group)
+        self._count("combine", state.recv_splits, y_MD)
         return unsort_and_combine(y_ND, state.order_N, state.weights_TK)
 
 
