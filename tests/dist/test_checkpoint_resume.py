@@ -15,12 +15,15 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def _config(folder, world_size: int) -> JobConfig:
+def _config(folder, world_size: int, af_pipe: bool = False) -> JobConfig:
+    dp = 1 if af_pipe else world_size
     return with_overrides(
         JobConfig(),
         job={"dump_folder": str(folder)},
-        training={"steps": STEPS, "local_batch_size": 4 // world_size, "seq_len": 32},
-        parallelism={"expert_parallel_degree": world_size},
+        training={"steps": STEPS, "local_batch_size": 4 // dp, "seq_len": 32},
+        parallelism={"expert_parallel_degree": 1 if af_pipe else world_size},
+        disagmoe={"mode": "af_pipe", "attention_ranks": 2, "expert_ranks": 2, "pipeline_depth": 2}
+        if af_pipe else {},
         checkpoint={"enable": True, "interval": 3},
         metrics={"enable_tensorboard": False},
     )
@@ -32,15 +35,16 @@ def _run(config, world_size, cache, stop_at=None):
     return spawn(world_size, run_train, config, cache, stop_at)
 
 
-@pytest.mark.parametrize("world_size", [1, 2], ids=["single", "ep2"])
-def test_resume_matches_uninterrupted(tmp_path, world_size):
+@pytest.mark.parametrize("world_size,af_pipe", [(1, False), (2, False), (4, True)],
+                         ids=["single", "ep2", "af_pipe-A2F2p2"])
+def test_resume_matches_uninterrupted(tmp_path, world_size, af_pipe):
     cache = str(tmp_path / "cache")
-    straight = _run(_config(tmp_path / "straight", world_size), world_size, cache)["logged"]
+    straight = _run(_config(tmp_path / "straight", world_size, af_pipe), world_size, cache)["logged"]
     resumed_dir = tmp_path / "resumed"
-    first = _run(_config(resumed_dir, world_size), world_size, cache, stop_at=4)["logged"]
+    first = _run(_config(resumed_dir, world_size, af_pipe), world_size, cache, stop_at=4)["logged"]
     assert [m["step"] for m in first] == [1, 2, 3, 4]
     # The checkpoint of step 3 is the newest; step 4 is lost with the "crash".
-    second = _run(_config(resumed_dir, world_size), world_size, cache)["logged"]
+    second = _run(_config(resumed_dir, world_size, af_pipe), world_size, cache)["logged"]
     assert [m["step"] for m in second] == [4, 5, 6]
     assert [m["loss"] for m in second] == [m["loss"] for m in straight[3:]]
     assert [m["loss"] for m in first] == [m["loss"] for m in straight[:4]]

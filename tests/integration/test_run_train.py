@@ -51,3 +51,19 @@ def test_unknown_key_is_refused(tmp_path):
     proc = _run(tmp_path, "--training.stepz", "3", ngpu="1", timeout=120)
     assert proc.returncode != 0
     assert "unknown key 'training.stepz'" in proc.stdout + proc.stderr
+
+
+def test_af_pipe_run_reports_transfer_bytes(tmp_path):
+    proc = _run(tmp_path, "--disagmoe.mode", "af_pipe", "--disagmoe.attention_ranks", "2",
+                "--disagmoe.expert_ranks", "2", "--disagmoe.pipeline_depth", "2",
+                "--training.steps", "2", "--metrics.log_freq", "1", "--checkpoint.enable", "false",
+                ngpu="4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert REQUIRED_KEYS | {"dispatch_bytes", "combine_bytes", "residual_bytes"} <= record.keys()
+        # 4 layers x (global batch 8 x 1 dp rank x seq 128) tokens, one expert rank per group: every
+        # token is one dispatch row of 4*128 + 4*2 + 8*3 bytes, plus 8 count bytes per layer.
+        assert record["dispatch_bytes"] == 4 * (8 * 128 * (512 + 8 + 24) + 8)
+        assert record["residual_bytes"] == 4 * 8 * 128 * 512

@@ -31,6 +31,17 @@ class TrainState(Stateful):
         self.trainer.step = int(state_dict["step"])
 
 
+class _NoData(Stateful):
+    """Stands in for the data loader on ranks that read no data (af_pipe expert ranks), so
+    that every rank saves the same kinds of state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 class _NoCheckpoint:
     def save(self, curr_step: int, last_step: bool = False) -> None:
         pass
@@ -48,7 +59,7 @@ def build_checkpointer(config, trainer):
                              keep_latest_k=c.keep_latest_k, last_save_model_only=False,
                              async_mode="disabled")
     manager = CheckpointManager(
-        dataloader=trainer.dataloader, model_parts=[trainer.model], optimizers=trainer.optimizers,
+        dataloader=trainer.dataloader if trainer.dataloader is not None else _NoData(), model_parts=[trainer.model], optimizers=trainer.optimizers,
         lr_schedulers=trainer.lr_schedulers, states={"train_state": TrainState(trainer)},
         checkpoint_config=tt_config, sd_adapter=None, base_folder=config.job.dump_folder)
     if manager.load(step=-1):
