@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from torchtitan_disagmoe.components.metrics import peak_memory_gib
 from torchtitan_disagmoe.config.job_config import JobConfig
-from torchtitan_disagmoe.distributed.af_engine import DisaggregatedEngine
+from torchtitan_disagmoe.distributed.af_engine import AFPipeRuntime
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
 from torchtitan_disagmoe.distributed.disagg_model import split_model
 from torchtitan_disagmoe.distributed.dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL,
@@ -28,6 +29,7 @@ from torchtitan_disagmoe.distributed.parallelize import parallelize_model
 from torchtitan_disagmoe.models import ModelSpec
 from torchtitan_disagmoe.models.args import MoETransformerArgs
 from torchtitan_disagmoe.models.init import init_model_weights_
+from torchtitan_disagmoe.models.moe import MoE
 
 
 def materialize(model: nn.Module, spec: ModelSpec, args: MoETransformerArgs, device: torch.device, seed: int) -> None:
@@ -61,10 +63,10 @@ class ColocatedLayout:
     def describe(self) -> str:
         return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}"
 
-    def forward_backward(self, inputs, labels, loss_scale: float = 1.0) -> torch.Tensor:
+    def forward_backward(self, inputs, labels) -> torch.Tensor:
         logits = self.model(inputs.to(self.device))
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.device).flatten())
-        (loss * loss_scale).backward()
+        loss.backward()
         return loss.detach()
 
     def finish_gradients(self) -> None:
@@ -75,7 +77,7 @@ class ColocatedLayout:
         """Average of a per-rank value (every rank holds one) over the data-parallel ranks."""
         return _sum_over_job(value, self.world_size) / self.world_size
 
-    def comm_bytes(self) -> dict[str, float]:
+    def step_metrics(self, device: torch.device) -> dict[str, float]:
         """All-to-all bytes sent to other ranks per step, all ranks (collective)."""
         dispatchers = [m.dispatcher for m in self.model.modules()
                        if isinstance(getattr(m, "dispatcher", None), AllToAllTokenDispatcher)]
@@ -106,7 +108,11 @@ class DisaggregatedLayout:
         self.expert_params = split_model(self.model, self.dims, rank)
         materialize(self.model, spec, args, device, config.training.seed)
         moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
-        self.engine = DisaggregatedEngine(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device)
+        self.runtime = AFPipeRuntime(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device,
+                                     microbatches=d.microbatches, max_inflight=d.max_inflight)
+        for module in self.model.modules():  # each micro-batch's balance loss is 1/M of the step's
+            if isinstance(module, MoE):
+                module.aux_loss_scale = 1.0 / d.microbatches
         self.has_data = self.role.pool == "attention"
         self.dp_rank, self.dp_degree = (self.role.index if self.has_data else 0), self.dims.dp
         self.router_group = self.dims.my_group(rank)
@@ -117,8 +123,8 @@ class DisaggregatedLayout:
         return (f"af_pipe: attention {dm.attention_ranks} ranks, experts {dm.expert_ranks} ranks, "
                 f"p = {dm.pipeline_depth} (dp {dm.dp}, ep {dm.ep}); this rank: {self.role}")
 
-    def forward_backward(self, inputs, labels, loss_scale: float = 1.0) -> torch.Tensor | None:
-        return self.engine.forward_backward(inputs, labels, loss_scale)
+    def forward_backward(self, inputs, labels) -> torch.Tensor | None:
+        return self.runtime.step(inputs, labels)
 
     @torch.no_grad()
     def finish_gradients(self) -> None:
@@ -141,15 +147,28 @@ class DisaggregatedLayout:
         (pass None on ranks that do not hold it)."""
         return _sum_over_job(value or 0.0, self.world_size) / self.dims.dp
 
-    def comm_bytes(self) -> dict[str, float]:
-        """Bytes sent per step by all ranks, by edge (collective: call on every rank)."""
-        sent = self.engine.stats.reset()
+    def step_metrics(self, device: torch.device) -> dict[str, float]:
+        """Bytes sent per step by all ranks, by edge, and per-pool busy/waiting fractions
+        of the last step (collective: call on every rank)."""
+        sent = self.runtime.stats.reset()
         kinds = {"dispatch_bytes": DISPATCH, "combine_bytes": COMBINE, "residual_bytes": RESIDUAL,
                  "dispatch_grad_bytes": DISPATCH_GRAD, "combine_grad_bytes": COMBINE_GRAD,
                  "residual_grad_bytes": RESIDUAL_GRAD}
-        values = torch.tensor([float(sent.get(k, 0)) for k in kinds.values()], dtype=torch.float64)
-        dist.all_reduce(values)
-        return dict(zip(kinds, values.tolist()))
+        _, busy, waiting = self.runtime.times.fractions()
+        is_attention = float(self.role.pool == "attention")
+        values = [float(sent.get(k, 0)) for k in kinds.values()]
+        values += [busy * is_attention, busy * (1 - is_attention), waiting, peak_memory_gib(device) * is_attention,
+                   peak_memory_gib(device) * (1 - is_attention)]
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t[:-2])
+        dist.all_reduce(t[-2:], op=dist.ReduceOp.MAX)
+        out = dict(zip(kinds, t[:6].tolist()))
+        dm = self.dims
+        out.update(busy_fraction_attention=t[6].item() / dm.attention_ranks,
+                   busy_fraction_expert=t[7].item() / dm.expert_ranks,
+                   exposed_comm_fraction=t[8].item() / self.world_size,
+                   memory_gib_attention=t[9].item(), memory_gib_expert=t[10].item())
+        return out
 
 
 def build_layout(config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int, world_size: int,

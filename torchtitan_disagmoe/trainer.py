@@ -132,7 +132,7 @@ class Trainer:
         aux = [m.last_aux_loss for m in self.moes if m.last_aux_loss is not None]
         if self.config.moe.load_balance in ("aux_loss", "both"):
             values["aux_loss"] = self.layout.mean_over_batch(torch.stack(aux).sum().item() if aux else None)
-        values.update(self.layout.comm_bytes())
+        values.update(self.layout.step_metrics(self.device))
         return values
 
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:

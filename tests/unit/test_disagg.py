@@ -1,10 +1,9 @@
-"""Disaggregated layout pieces that need no process group: rank arithmetic, the global
-program's order, the attention-side cut of the model, and M2N/N2M compute round trips."""
+"""Disaggregated layout pieces that need no process group: rank arithmetic, the
+attention-side cut of the model, and M2N/N2M compute round trips."""
 
 import pytest
 import torch
 
-from torchtitan_disagmoe.distributed.af_engine import global_program
 from torchtitan_disagmoe.distributed.af_stages import run_local_experts, split_by_expert_rank
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims, Role
 from torchtitan_disagmoe.distributed.disagg_model import split_model
@@ -22,27 +21,6 @@ def test_dims_arithmetic():
     assert list(dims.expert_range(0)) == list(range(8))
     odd = DisaggDims(attention_ranks=3, expert_ranks=3, pipeline_depth=3, num_layers=3, num_experts=8)
     assert odd.head_group == 0 and odd.group_of_layer(2) == 2
-
-
-def test_program_order_respects_dependencies():
-    for layers, moe, p in [(4, [True] * 4, 1), (4, [False, True, True, True], 2), (3, [True] * 3, 3)]:
-        ops = global_program(layers, moe, p)
-        pos = {op: i for i, op in enumerate(ops)}
-        assert len(pos) == len(ops), "every operation appears once"
-        for layer in range(layers):
-            assert pos[("attention_forward", layer)] < pos[("attention_forward", layer + 1)]
-            assert pos[("attention_backward", layer + 1)] < pos[("attention_backward", layer)]
-            if moe[layer]:
-                chain = ["attention_forward", "dispatch", "expert_forward", "combine"]
-                assert [pos[(c, layer)] for c in chain] == sorted(pos[(c, layer)] for c in chain)
-                assert pos[("combine", layer)] < pos[("attention_forward", layer + 1)]
-                back = ["attention_backward", "combine_grad", "expert_backward", "dispatch_grad"]
-                assert pos[(back[0], layer + 1)] < pos[(back[1], layer)] < pos[(back[2], layer)] \
-                    < pos[(back[3], layer)] < pos[(back[0], layer)]
-            else:
-                assert ("dispatch", layer) not in pos
-            assert (("residual", layer) in pos) == (p > 1)
-        assert ops[-1] == ("attention_backward", 0)
 
 
 @pytest.mark.parametrize("ep,top_k", [(1, 2), (2, 2), (4, 2), (2, 6), (8, 1)])

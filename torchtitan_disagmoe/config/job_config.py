@@ -184,7 +184,10 @@ class DisagMoE:
     pipeline_depth: int = 1
     """Groups p per pool; group g owns layers g, g+p, ... (af_pipe)."""
     microbatches: int = 1
-    """Micro-batches per step (af_pipe)."""
+    """Micro-batches per step (af_pipe); must divide training.local_batch_size."""
+    max_inflight: int = 0
+    """Micro-batches allowed between their first forward and last backward, which bounds
+    activation memory (af_pipe); 0: no bound beyond ``microbatches``."""
 
     def __post_init__(self):
         _check_choice("disagmoe.mode", self.mode, ("colocated", "af_pipe"))
@@ -192,6 +195,7 @@ class DisagMoE:
         _check_positive("disagmoe.expert_ranks", self.expert_ranks, allow_zero=True)
         _check_positive("disagmoe.pipeline_depth", self.pipeline_depth)
         _check_positive("disagmoe.microbatches", self.microbatches)
+        _check_positive("disagmoe.max_inflight", self.max_inflight, allow_zero=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -269,9 +273,10 @@ class JobConfig:
             if self.compile.enable:
                 raise ValueError("compile.enable = true is not supported with disagmoe.mode = 'af_pipe' "
                                  "yet; set compile.enable = false")
-            if dis.microbatches != 1:
-                raise ValueError(f"disagmoe.microbatches = {dis.microbatches}: micro-batch pipelining "
-                                 "arrives with the AF-Pipe schedule; set it to 1")
+            if self.training.local_batch_size % dis.microbatches:
+                raise ValueError(
+                    f"disagmoe.microbatches = {dis.microbatches} must divide training.local_batch_size = "
+                    f"{self.training.local_batch_size}")
             if par.pipeline_parallel_degree != 1:
                 raise ValueError("parallelism.pipeline_parallel_degree applies to colocated runs; "
                                  "af_pipe pipelines with disagmoe.pipeline_depth. Set it to 1")

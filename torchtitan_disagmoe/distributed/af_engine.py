@@ -1,24 +1,29 @@
-"""Runs one micro-batch through the disaggregated stage chain, forward then backward.
+"""The AF-Pipe runtime: executes this rank's action list for one training step.
 
-The chain of a micro-batch is ``A(0) F(0) A(1) F(1) ... A(L-1) F(L-1) A(L)`` where A(L)
-is the head and loss. Between the stages (DESIGN.md section 2):
+Stages (see ``schedule.py``): stage 2l is A(l), 2l+1 is F(l), 2L is the head. Between them
+(DESIGN.md section 2):
 
     A(l) --dispatch(l)--> F(l) --combine(l)--> A(l+1)        MoE layer l
-    A(l) --------------residual(l)-----------> A(l+1)        the residual stream
+    A(l) --------------residual(l)-----------> A(l+1)        residual stream (p > 1)
 
-``dispatch`` sends each token once per expert rank that holds any of its experts, with
-its routing weights; ``combine`` returns one weighted sum per (token, expert rank) to the
-attention rank of the next group that owns the token. The residual stream goes directly
-from A(l) to A(l+1): with p = 1 that is the same rank and nothing moves; with p > 1 it is
-one D-vector per token. (Folding it into the combine would save that transfer only if
-the expert side also held ``ffn_norm``, i.e. one parameter trained in two pools with a
-cross-pool gradient reduction; see docs/disaggregation.md for the bytes either way.)
+Meaning of the library's action types here:
+    F / B (stage, mb)   forward / backward of a stage (af_stages.py), on this rank
+    SEND_F of A(l)      post dispatch(l) to the F group (+ residual(l) when p > 1)
+    SEND_F of F(l)      post combine(l) to the next attention group
+    RECV_F              post the matching receives (counts first, then payloads)
+    SEND_B / RECV_B     the same edges in reverse, carrying gradients
+Sends and receives are posted where the schedule puts them and waited for only when a
+stage needs the data (or at the end of the step for sends), so transfers run while this
+rank computes other micro-batches: gloo's async work on CPU, NCCL's stream on GPU.
 
-This module executes the *global program*: every rank walks the same list of operations
-and takes part in those that involve it. Each transfer is one operation for both of its
-sides, so the program order is a valid order for every rank and nothing can deadlock.
-Overlapping micro-batches (the AF-Pipe schedule) replaces this program, not the stages.
+For a dense layer l (DeepSeek's first layer) F(l) is an empty stage: nothing is
+dispatched, the attention side computes the whole layer and only the residual moves.
+The residual goes directly A(l) -> A(l+1): with p = 1 that is the same rank and nothing
+moves; folding it into the combine would need ``ffn_norm`` on both pools (see
+docs/disaggregation.md for the bytes either way).
 """
+
+import time
 
 import torch
 from torch import nn
@@ -26,7 +31,9 @@ from torch import nn
 from .af_stages import StageRecord, attention_layer_forward, head_forward, leaf, run_local_experts
 from .disagg_dims import DisaggDims
 from .dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL, RESIDUAL_GRAD, CommStats,
-                       exchange_known, exchange_rows, make_tag)
+                       Pending, make_tag, post_recvs_known, post_recvs_rows, post_sends)
+from .pipelining_ir import BACKWARD, FORWARD, RECV_B, RECV_F, SEND_B, SEND_F
+from .schedule import AFPipeShape, build_af_pipe_schedule
 
 
 def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
@@ -34,123 +41,129 @@ def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
-def global_program(num_layers: int, moe_layers: list[bool], pipeline_depth: int) -> list[tuple[str, int]]:
-    """The operations of one micro-batch's forward and backward, in a deadlock-free order."""
-    ops: list[tuple[str, int]] = []
-    for layer in range(num_layers + 1):
-        if layer > 0 and moe_layers[layer - 1]:
-            ops.append(("combine", layer - 1))
-        if layer > 0 and pipeline_depth > 1:
-            ops.append(("residual", layer - 1))
-        ops.append(("attention_forward", layer))
-        if layer < num_layers and moe_layers[layer]:
-            ops += [("dispatch", layer), ("expert_forward", layer)]
-    for layer in range(num_layers, -1, -1):
-        if layer < num_layers and moe_layers[layer]:
-            ops += [("combine_grad", layer), ("expert_backward", layer), ("dispatch_grad", layer)]
-        if layer < num_layers and pipeline_depth > 1:
-            ops.append(("residual_grad", layer))
-        ops.append(("attention_backward", layer))
-    return ops
+class StepTimes:
+    """Wall time of one step on this rank, split into compute and waiting."""
+
+    def __init__(self):
+        self.compute = self.wait = 0.0
+        self.start = time.perf_counter()
+
+    def fractions(self) -> tuple[float, float, float]:
+        total = max(time.perf_counter() - self.start, 1e-9)
+        return total, self.compute / total, self.wait / total
 
 
-class DisaggregatedEngine:
-    """This rank's part of the disaggregated forward/backward of one micro-batch."""
+class AFPipeRuntime:
+    """This rank's part of the AF-Pipe: its pipeline rank's actions over all micro-batches."""
 
-    def __init__(self, model: nn.Module, dims: DisaggDims, rank: int, moe_layers: list[bool],
-                 dim: int, top_k: int, device: torch.device):
+    def __init__(self, model: nn.Module, dims: DisaggDims, rank: int, moe_layers: list[bool], dim: int,
+                 top_k: int, device: torch.device, microbatches: int = 1, max_inflight: int = 0):
         self.model, self.dims, self.rank, self.device = model, dims, rank, device
         self.role = dims.role(rank)
         self.moe_layers, self.dim, self.top_k = moe_layers, dim, top_k
         self.num_layers = len(moe_layers)
         self.experts_per_rank = dims.num_experts // dims.ep
-        self.program = global_program(self.num_layers, moe_layers, dims.pipeline_depth)
+        self.shape = AFPipeShape(self.num_layers, dims.pipeline_depth, microbatches, max_inflight)
+        pp_rank = 2 * self.role.group + (self.role.pool == "expert")
+        self.actions = build_af_pipe_schedule(self.shape)[pp_rank]
         self.stats = CommStats()
-        self.records: dict[tuple[str, int], StageRecord] = {}
+        self.times = StepTimes()
 
-    # ---- who is involved -------------------------------------------------------------
-    def _attn_group(self, layer: int) -> int:
-        return self.dims.group_of_layer(layer)
+    # ---- topology ----------------------------------------------------------------------
+    def _attn_rank(self, layer: int, dp_index: int) -> int:
+        return self.dims.attention_rank(self.dims.group_of_layer(layer), dp_index)
 
-    def _is_attention_of(self, layer: int) -> bool:
-        return self.role.pool == "attention" and self.role.group == self._attn_group(layer)
+    def _expert_ranks(self, layer: int) -> list[int]:
+        return self.dims.expert_group_ranks(self.dims.group_of_layer(layer))
 
-    def _is_expert_of(self, layer: int) -> bool:
-        return self.role.pool == "expert" and self.role.group == self._attn_group(layer)
+    def _attn_ranks(self, layer: int) -> list[int]:
+        return self.dims.attention_group_ranks(self.dims.group_of_layer(layer))
 
-    def _peer(self, layer: int, dp_index: int) -> int:
-        """Attention rank that runs ``layer`` for data-parallel index ``dp_index``."""
-        return self.dims.attention_rank(self._attn_group(layer), dp_index)
-
-    # ---- entry -----------------------------------------------------------------------
-    def forward_backward(self, tokens: torch.Tensor | None, labels: torch.Tensor | None,
-                         loss_scale: float = 1.0) -> torch.Tensor | None:
-        """Run the whole program; returns this rank's unscaled loss on head ranks, else None."""
-        self.tokens, self.labels, self.loss_scale, self.loss = tokens, labels, loss_scale, None
-        for op, layer in self.program:
-            getattr(self, "_" + op)(layer)
+    # ---- one step ------------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Forward and backward of every micro-batch; returns the mean loss on head ranks."""
+        m = self.shape.microbatches
+        self.tokens = tokens.to(self.device).chunk(m) if tokens is not None else None
+        self.labels = labels.to(self.device).chunk(m) if labels is not None else None
+        self.records: dict[tuple[int, int], StageRecord] = {}
+        self.inbox: dict[tuple[str, int, int], Pending] = {}
+        self.outbox: list[Pending] = []
+        self.losses: list[torch.Tensor] = []
+        self.times = StepTimes()
+        handlers = {FORWARD: self._forward, BACKWARD: self._backward, SEND_F: self._send_f,
+                    RECV_F: self._recv_f, SEND_B: self._send_b, RECV_B: self._recv_b}
+        for action in self.actions:
+            handlers[action.computation_type](action.stage_index, action.microbatch_index)
+        for pending in self.outbox:
+            self._wait(pending)
         self.records.clear()
-        return self.loss
+        return torch.stack(self.losses).mean() if self.losses else None
 
-    # ---- forward ---------------------------------------------------------------------
-    def _attention_forward(self, layer: int) -> None:
-        if not self._is_attention_of(layer):
-            return
-        rec = self.records.setdefault(("A", layer), StageRecord())
-        if layer == 0:
-            x = self.model.tok_embeddings(self.tokens.to(self.device))
+    def _wait(self, pending: Pending) -> dict:
+        start = time.perf_counter()
+        out = pending.wait()
+        self.times.wait += time.perf_counter() - start
+        return out
+
+    def _take(self, kind: str, layer: int, mb: int) -> dict:
+        return self._wait(self.inbox.pop((kind, layer, mb)))
+
+    # ---- compute -------------------------------------------------------------------------
+    def _forward(self, stage: int, mb: int) -> None:
+        start, waited = time.perf_counter(), self.times.wait
+        if stage % 2:
+            self._expert_forward(stage // 2, mb)
         else:
-            x = self._stage_input(layer, rec)
+            self._attention_forward(stage // 2, mb)
+        # Waiting for inputs inside the stage counts as waiting, not compute.
+        self.times.compute += time.perf_counter() - start - (self.times.wait - waited)
+
+    def _backward(self, stage: int, mb: int) -> None:
+        rec = self.records[(stage, mb)]
+        grads = self._output_grads(stage, mb, rec)
+        start = time.perf_counter()
+        rec.backward(grads)
+        self.times.compute += time.perf_counter() - start
+
+    def _attention_forward(self, layer: int, mb: int) -> None:
+        rec = self.records[(2 * layer, mb)] = StageRecord()
+        x = self.model.tok_embeddings(self.tokens[mb]) if layer == 0 else self._attention_input(layer, mb, rec)
         if layer == self.num_layers:
-            scaled, self.loss = head_forward(self.model, x, self.labels.to(self.device), self.loss_scale)
+            scaled, loss = head_forward(self.model, x, self.labels[mb], 1.0 / self.shape.microbatches)
             rec.outputs = [scaled]
+            self.losses.append(loss)
             return
-        block = self.model.layers[str(layer)]
-        h, rows = attention_layer_forward(block, x, self.model.rope_cache, self.dims.ep, self.experts_per_rank)
+        h, rows = attention_layer_forward(self.model.layers[str(layer)], x, self.model.rope_cache,
+                                          self.dims.ep, self.experts_per_rank)
         rec.outputs = [h]
-        rec.extra["shape"] = h.shape
         if rows is not None:
             rec.outputs += [t for r in rows for t in (r.x_nD, r.weights_nK)]
             rec.extra["rows"] = rows
 
-    def _stage_input(self, layer: int, rec: StageRecord) -> torch.Tensor:
+    def _attention_input(self, layer: int, mb: int, rec: StageRecord) -> torch.Tensor:
         """x = residual + combined expert output of the previous layer, as leaves."""
         if self.dims.pipeline_depth == 1:
-            h_in = leaf(self.records[("A", layer - 1)].outputs[0])
+            h_in = leaf(self.records[(2 * layer - 2, mb)].outputs[0])
         else:
-            h_in = rec.extra.pop("residual_in")
+            h_in = leaf(self._take("residual", layer - 1, mb)[self._attn_rank(layer - 1, self.role.index)][0])
         rec.inputs = [h_in]
         if not self.moe_layers[layer - 1]:
             return h_in
+        received = self._take("combine", layer - 1, mb)
         y_TD = h_in.new_zeros(h_in.shape[0] * h_in.shape[1], self.dim)
-        for f, (rows_nD, token_idx_n) in sorted(rec.extra.pop("combined").items()):
+        rec.extra["combine_sources"] = sorted(received)
+        for f in rec.extra["combine_sources"]:
+            rows_nD, token_idx_n = received[f]
             rows_nD = leaf(rows_nD)
             rec.inputs.append(rows_nD)
-            rec.extra.setdefault("combine_sources", []).append((f, token_idx_n))
             y_TD = y_TD.index_add(0, token_idx_n, rows_nD)
         return h_in + y_TD.view_as(h_in)
 
-    def _dispatch(self, layer: int) -> None:
-        tag = make_tag(layer, DISPATCH)
-        group_of = self._attn_group(layer)
-        if self._is_attention_of(layer):
-            rows = self.records[("A", layer)].extra["rows"]
-            send = {f: [r.x_nD.detach(), r.weights_nK.detach(),
-                        torch.cat([r.local_ids_nK, r.token_idx_n.unsqueeze(1)], dim=1)]
-                    for f, r in zip(self.dims.expert_group_ranks(group_of), rows)}
-            exchange_rows(send, [], [], tag, self.device, self.stats, DISPATCH)
-        elif self._is_expert_of(layer):
-            sources = self.dims.attention_group_ranks(group_of)
-            layout = [((self.dim,), torch.float32), ((self.top_k,), torch.float32),
-                      ((self.top_k + 1,), torch.int64)]
-            received = exchange_rows({}, sources, layout, tag, self.device)
-            self.records[("F", layer)] = StageRecord(extra={"received": received})
-
-    def _expert_forward(self, layer: int) -> None:
-        if not self._is_expert_of(layer):
+    def _expert_forward(self, layer: int, mb: int) -> None:
+        rec = self.records[(2 * layer + 1, mb)] = StageRecord()
+        if not self.moe_layers[layer]:
             return
-        rec = self.records[("F", layer)]
-        received = rec.extra.pop("received")
+        received = self._take("dispatch", layer, mb)
         sources = sorted(received)
         xs = [leaf(received[a][0]) for a in sources]
         ws = [leaf(received[a][1]) for a in sources]
@@ -161,90 +174,106 @@ class DisaggregatedEngine:
         rec.outputs = list(out_MD.split([x.shape[0] for x in xs]))
         rec.extra.update(sources=sources, token_idx=[i[:, -1] for i in ints])
 
-    def _combine(self, layer: int) -> None:
-        tag = make_tag(layer, COMBINE)
-        if self._is_expert_of(layer):
-            rec = self.records[("F", layer)]
-            send = {self._peer(layer + 1, self.dims.role(a).index): [out.detach(), idx]
-                    for a, out, idx in zip(rec.extra["sources"], rec.outputs, rec.extra["token_idx"])}
-            exchange_rows(send, [], [], tag, self.device, self.stats, COMBINE)
-        elif self._is_attention_of(layer + 1):
-            sources = self.dims.expert_group_ranks(self._attn_group(layer))
-            layout = [((self.dim,), torch.float32), ((), torch.int64)]
-            received = exchange_rows({}, sources, layout, tag, self.device)
-            rec = self.records.setdefault(("A", layer + 1), StageRecord())
-            rec.extra["combined"] = {f: (t[0], t[1]) for f, t in received.items()}
-
-    def _residual(self, layer: int) -> None:
-        tag = make_tag(layer, RESIDUAL)
-        d = self.role.index
-        if self._is_attention_of(layer):
-            h = self.records[("A", layer)].outputs[0].detach()
-            exchange_known({self._peer(layer + 1, d): [h]}, {}, tag, self.stats, RESIDUAL)
-        elif self._is_attention_of(layer + 1):
-            shape = (self.tokens.shape if self.tokens is not None else self.labels.shape) + (self.dim,)
-            h_in = torch.empty(shape, device=self.device)
-            exchange_known({}, {self._peer(layer, d): [h_in]}, tag)
-            self.records.setdefault(("A", layer + 1), StageRecord()).extra["residual_in"] = leaf(h_in)
-
-    # ---- backward --------------------------------------------------------------------
-    def _attention_backward(self, layer: int) -> None:
-        if not self._is_attention_of(layer):
-            return
-        rec = self.records[("A", layer)]
-        if layer == self.num_layers:
-            rec.backward([torch.ones_like(rec.outputs[0])])
-            return
+    def _output_grads(self, stage: int, mb: int, rec: StageRecord) -> list:
+        """Gradients of a stage's outputs, from the stage after it (received or local)."""
+        layer = stage // 2
+        if stage == 2 * self.num_layers:
+            return [torch.ones_like(rec.outputs[0])]
+        if stage % 2:  # F(l): combine grads from the next attention group
+            if not self.moe_layers[layer]:
+                return []
+            got = self._take("combine_grad", layer, mb)
+            return [got[self._attn_rank(layer + 1, self.dims.role(a).index)][0] for a in rec.extra["sources"]]
         if self.dims.pipeline_depth == 1:
-            grad_h = self.records[("A", layer + 1)].inputs[0].grad
+            grads = [_grad_or_zeros(self.records[(stage + 2, mb)].inputs[0])]
         else:
-            grad_h = rec.extra.pop("residual_grad")
-        grads = [grad_h]
-        for g_x, g_w in rec.extra.pop("dispatch_grads", []):
-            grads += [g_x, g_w]
-        rec.backward(grads)
+            grads = [self._take("residual_grad", layer, mb)[self._attn_rank(layer + 1, self.role.index)][0]]
+        if self.moe_layers[layer]:
+            got = self._take("dispatch_grad", layer, mb)
+            for f in self._expert_ranks(layer):
+                grads += got[f]
+        return grads
 
-    def _combine_grad(self, layer: int) -> None:
-        tag = make_tag(layer, COMBINE_GRAD)
-        if self._is_attention_of(layer + 1):
-            rec = self.records[("A", layer + 1)]
-            rows = rec.inputs[1:]
-            send = {f: [_grad_or_zeros(r)] for (f, _), r in zip(rec.extra["combine_sources"], rows)}
-            exchange_known(send, {}, tag, self.stats, COMBINE_GRAD)
-        elif self._is_expert_of(layer):
-            rec = self.records[("F", layer)]
-            dests = [self._peer(layer + 1, self.dims.role(a).index) for a in rec.extra["sources"]]
-            grads = [torch.empty_like(out) for out in rec.outputs]
-            exchange_known({}, {d: [g] for d, g in zip(dests, grads)}, tag)
-            rec.extra["out_grads"] = grads
+    # ---- transfers -----------------------------------------------------------------------
+    def _send_f(self, stage: int, mb: int) -> None:
+        layer = stage // 2
+        if stage % 2:  # F(l) -> A(l+1): combine
+            if self.moe_layers[layer]:
+                rec = self.records[(stage, mb)]
+                send = {self._attn_rank(layer + 1, self.dims.role(a).index): [out.detach(), idx]
+                        for a, out, idx in zip(rec.extra["sources"], rec.outputs, rec.extra["token_idx"])}
+                self.outbox.append(post_sends(send, make_tag(layer, COMBINE, mb), self.device, True,
+                                              self.stats, COMBINE))
+            return
+        rec = self.records[(stage, mb)]
+        if self.moe_layers[layer]:  # A(l) -> F(l): dispatch
+            send = {f: [r.x_nD.detach(), r.weights_nK.detach(),
+                        torch.cat([r.local_ids_nK, r.token_idx_n.unsqueeze(1)], dim=1)]
+                    for f, r in zip(self._expert_ranks(layer), rec.extra["rows"])}
+            self.outbox.append(post_sends(send, make_tag(layer, DISPATCH, mb), self.device, True,
+                                          self.stats, DISPATCH))
+        if self.dims.pipeline_depth > 1:  # A(l) -> A(l+1): residual
+            send = {self._attn_rank(layer + 1, self.role.index): [rec.outputs[0].detach()]}
+            self.outbox.append(post_sends(send, make_tag(layer, RESIDUAL, mb), self.device, False,
+                                          self.stats, RESIDUAL))
 
-    def _expert_backward(self, layer: int) -> None:
-        if self._is_expert_of(layer):
-            rec = self.records[("F", layer)]
-            rec.backward(rec.extra.pop("out_grads"))
+    def _recv_f(self, stage: int, mb: int) -> None:
+        start = time.perf_counter()
+        if stage % 2:  # F(l) receives dispatch(l)
+            layer = stage // 2
+            if self.moe_layers[layer]:
+                layout = [((self.dim,), torch.float32), ((self.top_k,), torch.float32),
+                          ((self.top_k + 1,), torch.int64)]
+                self.inbox[("dispatch", layer, mb)] = post_recvs_rows(
+                    self._attn_ranks(layer), layout, make_tag(layer, DISPATCH, mb), self.device)
+        else:  # A(l+1) receives combine(l) and residual(l)
+            layer = stage // 2 - 1
+            if self.moe_layers[layer]:
+                layout = [((self.dim,), torch.float32), ((), torch.int64)]
+                self.inbox[("combine", layer, mb)] = post_recvs_rows(
+                    self._expert_ranks(layer), layout, make_tag(layer, COMBINE, mb), self.device)
+            if self.dims.pipeline_depth > 1:
+                shape = self.tokens[mb].shape if self.tokens is not None else self.labels[mb].shape
+                src = self._attn_rank(layer, self.role.index)
+                self.inbox[("residual", layer, mb)] = post_recvs_known(
+                    {src: [torch.empty(shape + (self.dim,), device=self.device)]},
+                    make_tag(layer, RESIDUAL, mb))
+        self.times.wait += time.perf_counter() - start
 
-    def _dispatch_grad(self, layer: int) -> None:
-        tag = make_tag(layer, DISPATCH_GRAD)
-        if self._is_expert_of(layer):
-            rec = self.records[("F", layer)]
-            pairs = zip(rec.inputs[0::2], rec.inputs[1::2])
-            send = {a: [_grad_or_zeros(x), _grad_or_zeros(w)] for a, (x, w) in zip(rec.extra["sources"], pairs)}
-            exchange_known(send, {}, tag, self.stats, DISPATCH_GRAD)
-        elif self._is_attention_of(layer):
-            rec = self.records[("A", layer)]
-            experts = self.dims.expert_group_ranks(self._attn_group(layer))
-            grads = [(torch.empty_like(r.x_nD), torch.empty_like(r.weights_nK)) for r in rec.extra["rows"]]
-            exchange_known({}, {f: list(g) for f, g in zip(experts, grads)}, tag)
-            rec.extra["dispatch_grads"] = grads
+    def _send_b(self, stage: int, mb: int) -> None:
+        rec = self.records[(stage, mb)]
+        layer = stage // 2
+        if stage % 2:  # F(l) -> A(l): dispatch grads
+            if self.moe_layers[layer]:
+                pairs = zip(rec.inputs[0::2], rec.inputs[1::2])
+                send = {a: [_grad_or_zeros(x), _grad_or_zeros(w)] for a, (x, w) in zip(rec.extra["sources"], pairs)}
+                self.outbox.append(post_sends(send, make_tag(layer, DISPATCH_GRAD, mb), self.device, False,
+                                              self.stats, DISPATCH_GRAD))
+            return
+        prev = layer - 1  # A(l) -> F(l-1): combine grads, A(l) -> A(l-1): residual grad
+        if self.moe_layers[prev]:
+            send = {f: [_grad_or_zeros(r)] for f, r in zip(rec.extra["combine_sources"], rec.inputs[1:])}
+            self.outbox.append(post_sends(send, make_tag(prev, COMBINE_GRAD, mb), self.device, False,
+                                          self.stats, COMBINE_GRAD))
+        if self.dims.pipeline_depth > 1:
+            send = {self._attn_rank(prev, self.role.index): [_grad_or_zeros(rec.inputs[0])]}
+            self.outbox.append(post_sends(send, make_tag(prev, RESIDUAL_GRAD, mb), self.device, False,
+                                          self.stats, RESIDUAL_GRAD))
 
-    def _residual_grad(self, layer: int) -> None:
-        tag = make_tag(layer, RESIDUAL_GRAD)
-        d = self.role.index
-        if self._is_attention_of(layer + 1):
-            grad = self.records[("A", layer + 1)].inputs[0].grad
-            exchange_known({self._peer(layer, d): [grad]}, {}, tag, self.stats, RESIDUAL_GRAD)
-        elif self._is_attention_of(layer):
-            rec = self.records[("A", layer)]
-            grad = torch.empty(rec.extra["shape"], device=self.device)
-            exchange_known({}, {self._peer(layer + 1, d): [grad]}, tag)
-            rec.extra["residual_grad"] = grad
+    def _recv_b(self, stage: int, mb: int) -> None:
+        rec = self.records[(stage, mb)]
+        layer = stage // 2
+        if stage % 2:  # F(l) receives combine grads from A(l+1)
+            if self.moe_layers[layer]:
+                recv = {self._attn_rank(layer + 1, self.dims.role(a).index): [torch.empty_like(out)]
+                        for a, out in zip(rec.extra["sources"], rec.outputs)}
+                self.inbox[("combine_grad", layer, mb)] = post_recvs_known(recv, make_tag(layer, COMBINE_GRAD, mb))
+            return
+        if self.moe_layers[layer]:  # A(l) receives dispatch grads from F(l)
+            recv = {f: [torch.empty_like(r.x_nD), torch.empty_like(r.weights_nK)]
+                    for f, r in zip(self._expert_ranks(layer), rec.extra["rows"])}
+            self.inbox[("dispatch_grad", layer, mb)] = post_recvs_known(recv, make_tag(layer, DISPATCH_GRAD, mb))
+        if self.dims.pipeline_depth > 1:
+            src = self._attn_rank(layer + 1, self.role.index)
+            self.inbox[("residual_grad", layer, mb)] = post_recvs_known(
+                {src: [torch.empty_like(rec.outputs[0])]}, make_tag(layer, RESIDUAL_GRAD, mb))

@@ -45,9 +45,69 @@ class CommStats:
 
 
 def _run(ops: list[dist.P2POp]) -> None:
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+    for work in _post(ops):
+        work.wait()
+
+
+def _post(ops: list[dist.P2POp]) -> list[dist.Work]:
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+@dataclass
+class Pending:
+    """Posted receives (or sends) and the tensors they fill (or read)."""
+
+    works: list
+    tensors: dict[int, list[torch.Tensor]]
+
+    def wait(self) -> dict[int, list[torch.Tensor]]:
+        for work in self.works:
             work.wait()
+        self.works = []
+        return self.tensors
+
+
+def post_sends(send: dict[int, list[torch.Tensor]], tag: int, device: torch.device, with_counts: bool,
+               stats: CommStats | None = None, kind: int = 0) -> Pending:
+    """Post (counts and) payloads to peers without waiting; keep the result until done."""
+    ops, keep = [], {}
+    for peer, tensors in send.items():
+        tensors = [t.contiguous() for t in tensors]
+        keep[peer] = tensors
+        if with_counts:
+            count = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=device)
+            keep[peer] = [count] + tensors
+            ops.append(dist.P2POp(dist.isend, count, peer, tag=tag + 3))
+            if stats is not None:
+                stats.add(kind, [count])
+        for i, t in enumerate(tensors):
+            if t.numel():
+                ops.append(dist.P2POp(dist.isend, t, peer, tag=tag + i))
+        if stats is not None:
+            stats.add(kind, tensors)
+    return Pending(_post(ops), keep)
+
+
+def post_recvs_known(recv: dict[int, list[torch.Tensor]], tag: int) -> Pending:
+    """Post receives into pre-allocated tensors (sizes known) without waiting."""
+    ops = [dist.P2POp(dist.irecv, t, peer, tag=tag + i)
+           for peer, tensors in recv.items() for i, t in enumerate(tensors) if t.numel()]
+    return Pending(_post(ops), recv)
+
+
+def post_recvs_rows(recv_from: list[int], layout: list[tuple[tuple[int, ...], torch.dtype]], tag: int,
+                    device: torch.device) -> Pending:
+    """Receive row counts (blocking: tiny, and the sender posted them with its payload),
+    then post the payload receives without waiting.
+
+    Waiting for the counts here keeps, for every peer, receives in the order of its sends,
+    which NCCL needs (it matches point-to-point messages by order, not by tag).
+    """
+    counts = {peer: torch.empty(1, dtype=torch.int64, device=device) for peer in recv_from}
+    _run([dist.P2POp(dist.irecv, c, peer, tag=tag + 3) for peer, c in counts.items()])
+    tensors = {peer: [torch.empty((int(counts[peer]),) + shape, dtype=dtype, device=device)
+                      for shape, dtype in layout] for peer in recv_from}
+    return post_recvs_known(tensors, tag)
 
 
 def exchange_known(send: dict[int, list[torch.Tensor]], recv: dict[int, list[torch.Tensor]],
