@@ -1,5 +1,5 @@
-"""Disaggregated execution (attention and expert pools on disjoint gloo ranks) equals
-the single-process reference on the same global batch.
+"""Disaggregated execution (attention and expert pools on disjoint gloo ranks, run by the
+AF-Pipe schedule) equals the single-process reference on the same global batch.
 
 Checked after step 1: the loss and every parameter's gradient (gathered from whichever
 rank owns it) within rtol 1e-4 / atol 1e-6 (fp32; measured differences are ~1e-7, from
@@ -22,13 +22,15 @@ STEPS = 10
 _REFERENCES: dict = {}
 
 
-def _config(folder, model: str, flavor: str, a: int = 0, f: int = 0, p: int = 1, dp: int = 1) -> JobConfig:
-    disagmoe = {"mode": "af_pipe", "attention_ranks": a, "expert_ranks": f, "pipeline_depth": p} if a else {}
+def _config(folder, model: str, flavor: str, a: int = 0, f: int = 0, p: int = 1, dp: int = 1,
+            microbatches: int = 1, steps: int = STEPS) -> JobConfig:
+    disagmoe = {"mode": "af_pipe", "attention_ranks": a, "expert_ranks": f, "pipeline_depth": p,
+                "microbatches": microbatches} if a else {}
     return with_overrides(
         JobConfig(),
         job={"dump_folder": str(folder)},
         model={"name": model, "flavor": flavor},
-        training={"steps": STEPS, "local_batch_size": GLOBAL_BATCH // dp, "seq_len": 32},
+        training={"steps": steps, "local_batch_size": GLOBAL_BATCH // dp, "seq_len": 32},
         disagmoe=disagmoe,
         moe={"load_balance": "both", "aux_loss_coeff": 1e-2, "bias_update_rate": 1e-2},
         metrics={"enable_tensorboard": False},
@@ -36,21 +38,21 @@ def _config(folder, model: str, flavor: str, a: int = 0, f: int = 0, p: int = 1,
     )
 
 
-def _reference(tmp_path_factory, model, flavor, prepare=None):
-    key = (model, flavor, prepare)
+def _reference(tmp_path_factory, model, flavor, prepare=None, steps=STEPS):
+    key = (model, flavor, prepare, steps)
     if key not in _REFERENCES:
         base = tmp_path_factory.getbasetemp()
-        _REFERENCES[key] = run_single(_config(base / f"ref_{model}_{flavor}", model, flavor),
-                                      cache_dir=str(base / "cache"), steps=STEPS, prepare=prepare)
+        _REFERENCES[key] = run_single(_config(base / f"ref_{model}_{flavor}_{steps}", model, flavor, steps=steps),
+                                      cache_dir=str(base / "cache"), steps=steps, prepare=prepare)
     return _REFERENCES[key]
 
 
-def _check(tmp_path, tmp_path_factory, model, flavor, a, f, p, prepare=None):
+def _check(tmp_path, tmp_path_factory, model, flavor, a, f, p, prepare=None, microbatches=1, steps=STEPS):
     dp = a // p
-    config = _config(tmp_path, model, flavor, a, f, p, dp)
+    config = _config(tmp_path, model, flavor, a, f, p, dp, microbatches, steps)
     result = run_distributed(config, a + f, cache_dir=str(tmp_path_factory.getbasetemp() / "cache"),
-                             steps=STEPS, prepare=prepare)
-    assert_matches_reference(result, _reference(tmp_path_factory, model, flavor, prepare))
+                             steps=steps, prepare=prepare)
+    assert_matches_reference(result, _reference(tmp_path_factory, model, flavor, prepare, steps))
 
 
 @pytest.mark.parametrize("model", ["qwen3_moe", "deepseek_moe"])
@@ -70,3 +72,11 @@ def test_top_k_larger_than_experts_per_rank(tmp_path, tmp_path_factory):
     """top-6 over 8 experts on 2 expert ranks of 4: every token has 2 to 4 experts on each
     rank, still sent once per (token, rank)."""
     _check(tmp_path, tmp_path_factory, "qwen3_moe", "debug_top6", 1, 2, 1)
+
+
+@pytest.mark.parametrize("a,f,p,microbatches", [(1, 1, 1, 2), (1, 1, 1, 4), (2, 2, 2, 2), (2, 2, 2, 4)],
+                         ids=["A1F1-mb2", "A1F1-mb4", "A2F2p2-mb2", "A2F2p2-mb4"])
+def test_af_pipe_microbatches_match_single_process(tmp_path, tmp_path_factory, a, f, p, microbatches):
+    """The AF-Pipe schedule over several micro-batches: same gradients (accumulated with
+    1/M scaling, balance loss included) and the same 20-step loss curve."""
+    _check(tmp_path, tmp_path_factory, "qwen3_moe", "debug", a, f, p, microbatches=microbatches, steps=20)
