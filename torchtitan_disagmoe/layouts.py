@@ -11,6 +11,8 @@ value over the job. After ``forward_backward`` every gradient on every rank is t
 mean loss over the global batch, i.e. what a single process computes.
 """
 
+import json
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -76,6 +78,9 @@ class ColocatedLayout:
     def mean_over_batch(self, value: float | None) -> float:
         """Average of a per-rank value (every rank holds one) over the data-parallel ranks."""
         return _sum_over_job(value, self.world_size) / self.world_size
+
+    def save_timeline(self, folder, step: int) -> None:
+        pass  # the colocated layout has no action list
 
     def step_metrics(self, device: torch.device) -> dict[str, float]:
         """All-to-all bytes sent to other ranks per step, all ranks (collective)."""
@@ -146,6 +151,14 @@ class DisaggregatedLayout:
         """Average over the data-parallel index of a value held by one attention group
         (pass None on ranks that do not hold it)."""
         return _sum_over_job(value or 0.0, self.world_size) / self.dims.dp
+
+    def save_timeline(self, folder, step: int) -> None:
+        """This rank's action trace of the last step, as JSON (scripts/plot_timeline.py)."""
+        record = {"rank": self.rank, "pool": self.role.pool, "group": self.role.group, "index": self.role.index,
+                  "step": step, "num_layers": self.runtime.num_layers,
+                  "events": [list(e) for e in self.runtime.times.trace]}
+        with open(f"{folder}/rank{self.rank}.json", "w") as f:
+            json.dump(record, f)
 
     def step_metrics(self, device: torch.device) -> dict[str, float]:
         """Bytes sent per step by all ranks, by edge, and per-pool busy/waiting fractions

@@ -150,13 +150,33 @@ class Trainer:
             logger.info(f"checkpoint is at step {self.step} >= training.steps = {steps}: nothing to do")
         while self.step < stop_at:
             self.step += 1
-            values = self.train_step()
+            values = self._traced_step() if self.step == self.config.metrics.timeline_step else self.train_step()
             self.checkpointer.save(self.step, last_step=self.step == steps)
             if self.metrics.should_log(self.step, steps):
                 values.update(memory_gib=peak_memory_gib(self.device), flops_per_token=flops_per_token,
                               peak_flops=self.peak_flops * self.world_size)
                 logged.append(self.metrics.log(self.step, values))
         return logged
+
+    def _traced_step(self) -> dict[str, float]:
+        """A training step whose per-rank action timeline (and optionally a profiler
+        trace) is written under ``<dump_folder>/timeline``."""
+        folder = Path(self.config.job.dump_folder) / "timeline"
+        folder.mkdir(parents=True, exist_ok=True)
+        profiler = None
+        if self.config.metrics.enable_profiler:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.__enter__()
+        values = self.train_step()
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            profiler.export_chrome_trace(str(folder / f"profile_rank{self.rank}.json"))
+        self.layout.save_timeline(folder, self.step)
+        logger.info(f"timeline of step {self.step} written to {folder}")
+        return values
 
     def close(self) -> None:
         self.metrics.close()

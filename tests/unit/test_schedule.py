@@ -10,12 +10,12 @@ from torchtitan_disagmoe.distributed.schedule import (AFPipeShape, build_af_pipe
                                                       generate_compute_order, lower_with_comms, validate)
 
 
-@pytest.mark.parametrize("layers,p,mbs,bound", [
-    (layers, p, mbs, bound)
-    for layers, p, mbs, bound in itertools.product([1, 2, 4, 6], [1, 2, 3], [1, 2, 4, 8], [0, 1, 2])
+@pytest.mark.parametrize("layers,p,mbs,bound,lag", [
+    (layers, p, mbs, bound, lag)
+    for layers, p, mbs, bound, lag in itertools.product([1, 2, 4, 6], [1, 2, 3], [1, 2, 4, 8], [0, 1, 2], [0, 1, 2])
     if layers % p == 0])
-def test_generated_schedules_are_valid(layers, p, mbs, bound):
-    shape = AFPipeShape(layers, p, mbs, bound)
+def test_generated_schedules_are_valid(layers, p, mbs, bound, lag):
+    shape = AFPipeShape(layers, p, mbs, bound, lag)
     result = generate_compute_order(shape)
     assert result.peak_inflight <= shape.inflight_bound
     validate(shape, lower_with_comms(shape, result.order))  # raises with the grid if not
@@ -23,7 +23,7 @@ def test_generated_schedules_are_valid(layers, p, mbs, bound):
 
 def test_one_layer_one_microbatch_is_the_plain_chain():
     """A(0) F(0) head, then backward: 3 + 3 unit steps, each waiting for the previous."""
-    result = generate_compute_order(AFPipeShape(1, 1, 1))
+    result = generate_compute_order(AFPipeShape(1, 1, 1, transfer_ticks=0))
     assert result.makespan == 6
     assert result.order[0] == [_Action(0, FORWARD, 0), _Action(2, FORWARD, 0), _Action(2, BACKWARD, 0),
                                _Action(0, BACKWARD, 0)]
@@ -38,7 +38,7 @@ def test_microbatches_fill_the_bubbles():
     chain = 2 * (2 * layers + 1)  # forward and backward of every stage, one after another
     idle = {}
     for mbs in (1, 2, 4, 8, 16, 32):
-        result = generate_compute_order(AFPipeShape(layers, 1, mbs))
+        result = generate_compute_order(AFPipeShape(layers, 1, mbs, transfer_ticks=0))
         attention_work = mbs * 2 * (layers + 1)  # F and B of A(0..L-1) and the head
         idle[mbs] = result.makespan - attention_work
         assert result.makespan < mbs * chain or mbs == 1
@@ -47,6 +47,15 @@ def test_microbatches_fill_the_bubbles():
     # The busier pool (attention: L+1 stages per micro-batch against L) is idle 4 of 164
     # ticks at 16 micro-batches, against 8 of 18 without overlap.
     assert idle[16] / (16 * 2 * (layers + 1) + idle[16]) < 0.03
+
+
+def test_transfer_time_keeps_more_microbatches_in_flight():
+    """With transfers as long as a stage, two micro-batches cannot hide them; the generator
+    admits more, and the busier pool stays almost fully busy."""
+    no_lag = generate_compute_order(AFPipeShape(4, 1, 8, transfer_ticks=0))
+    lag = generate_compute_order(AFPipeShape(4, 1, 8, transfer_ticks=1))
+    assert lag.peak_inflight > no_lag.peak_inflight
+    assert lag.busy[0] / lag.makespan > 0.85
 
 
 def test_inflight_bound_caps_live_microbatches():

@@ -228,10 +228,16 @@ class Metrics:
     """Write TensorBoard events under ``<dump_folder>/tb``."""
     peak_flops: float = 0.0
     """Peak FLOP/s per rank for MFU; 0: known GPU table, or measured on CPU."""
+    timeline_step: int = 0
+    """af_pipe: write every rank's action timeline of this step to
+    ``<dump_folder>/timeline/`` (draw it with scripts/plot_timeline.py); 0: never."""
+    enable_profiler: bool = False
+    """Also record a torch.profiler chrome trace per rank of ``timeline_step``."""
 
     def __post_init__(self):
         _check_positive("metrics.log_freq", self.log_freq)
         _check_positive("metrics.peak_flops", self.peak_flops, allow_zero=True)
+        _check_positive("metrics.timeline_step", self.timeline_step, allow_zero=True)
 
 
 @dataclass(kw_only=True, slots=True)

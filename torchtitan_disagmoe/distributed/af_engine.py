@@ -31,7 +31,7 @@ from torch import nn
 from .af_stages import StageRecord, attention_layer_forward, head_forward, leaf, run_local_experts
 from .disagg_dims import DisaggDims
 from .dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL, RESIDUAL_GRAD, CommStats,
-                       Pending, make_tag, post_recvs_known, post_recvs_rows, post_sends)
+                       Pending, RowRecv, make_tag, post_recvs_known, post_sends)
 from .pipelining_ir import BACKWARD, FORWARD, RECV_B, RECV_F, SEND_B, SEND_F
 from .schedule import AFPipeShape, build_af_pipe_schedule
 
@@ -42,11 +42,16 @@ def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
 
 
 class StepTimes:
-    """Wall time of one step on this rank, split into compute and waiting."""
+    """Wall time of one step on this rank, split into compute and waiting, plus a trace
+    of every action: (name, stage, micro-batch, start s, end s) from the step start."""
 
     def __init__(self):
         self.compute = self.wait = 0.0
         self.start = time.perf_counter()
+        self.trace: list[tuple[str, int, int, float, float]] = []
+
+    def record(self, name: str, stage: int, mb: int, start: float) -> None:
+        self.trace.append((name, stage, mb, start - self.start, time.perf_counter() - self.start))
 
     def fractions(self) -> tuple[float, float, float]:
         total = max(time.perf_counter() - self.start, 1e-9)
@@ -86,20 +91,36 @@ class AFPipeRuntime:
         self.tokens = tokens.to(self.device).chunk(m) if tokens is not None else None
         self.labels = labels.to(self.device).chunk(m) if labels is not None else None
         self.records: dict[tuple[int, int], StageRecord] = {}
-        self.inbox: dict[tuple[str, int, int], Pending] = {}
+        self.inbox: dict[tuple[str, int, int], Pending | RowRecv] = {}
+        self.unposted: list[RowRecv] = []  # row receives still waiting for their counts
         self.outbox: list[Pending] = []
         self.losses: list[torch.Tensor] = []
         self.times = StepTimes()
         handlers = {FORWARD: self._forward, BACKWARD: self._backward, SEND_F: self._send_f,
                     RECV_F: self._recv_f, SEND_B: self._send_b, RECV_B: self._recv_b}
         for action in self.actions:
+            # Post payload receives whose counts arrived meanwhile, so data keeps moving.
+            self.unposted = [r for r in self.unposted if not r.poll()]
+            start = time.perf_counter()
             handlers[action.computation_type](action.stage_index, action.microbatch_index)
+            self.times.record(action.computation_type.name, action.stage_index, action.microbatch_index, start)
+        start = time.perf_counter()
         for pending in self.outbox:
             self._wait(pending)
+        self.times.record("WAIT_SENDS", -1, -1, start)
         self.records.clear()
         return torch.stack(self.losses).mean() if self.losses else None
 
-    def _wait(self, pending: Pending) -> dict:
+    def _post_rows(self, key: tuple[str, int, int], peers: list[int], layout, tag: int) -> None:
+        # Per peer, payload receives must be posted in the order of the sends (NCCL).
+        for earlier in self.unposted:
+            if set(earlier.peers) & set(peers):
+                earlier.force()
+        self.unposted = [r for r in self.unposted if r.payload is None]
+        self.inbox[key] = recv = RowRecv(peers, layout, tag, self.device)
+        self.unposted.append(recv)
+
+    def _wait(self, pending: Pending | RowRecv) -> dict:
         start = time.perf_counter()
         out = pending.wait()
         self.times.wait += time.perf_counter() - start
@@ -218,20 +239,20 @@ class AFPipeRuntime:
                                           self.stats, RESIDUAL))
 
     def _recv_f(self, stage: int, mb: int) -> None:
-        start = time.perf_counter()
+        start = time.perf_counter()  # forcing earlier receives may wait briefly
         if stage % 2:  # F(l) receives dispatch(l)
             layer = stage // 2
             if self.moe_layers[layer]:
                 layout = [((self.dim,), torch.float32), ((self.top_k,), torch.float32),
                           ((self.top_k + 1,), torch.int64)]
-                self.inbox[("dispatch", layer, mb)] = post_recvs_rows(
-                    self._attn_ranks(layer), layout, make_tag(layer, DISPATCH, mb), self.device)
+                self._post_rows(("dispatch", layer, mb), self._attn_ranks(layer), layout,
+                                make_tag(layer, DISPATCH, mb))
         else:  # A(l+1) receives combine(l) and residual(l)
             layer = stage // 2 - 1
             if self.moe_layers[layer]:
                 layout = [((self.dim,), torch.float32), ((), torch.int64)]
-                self.inbox[("combine", layer, mb)] = post_recvs_rows(
-                    self._expert_ranks(layer), layout, make_tag(layer, COMBINE, mb), self.device)
+                self._post_rows(("combine", layer, mb), self._expert_ranks(layer), layout,
+                                make_tag(layer, COMBINE, mb))
             if self.dims.pipeline_depth > 1:
                 shape = self.tokens[mb].shape if self.tokens is not None else self.labels[mb].shape
                 src = self._attn_rank(layer, self.role.index)

@@ -2,17 +2,21 @@
 the residual hand-off between attention groups, and their gradients.
 
 Every transfer moves *rows* (one per token, or per (token, expert rank)) whose number
-changes every step, so it runs in two phases: first the row counts (one int64 per peer),
-then the payloads, each phase one ``batch_isend_irecv`` (async on gloo and NCCL). Where
-the receiver already knows the counts (every backward transfer, and fixed-size residual
-hand-offs) the count phase is skipped. Empty payloads are never sent.
+changes every step. The sender posts the row count (one int64 per peer) and the payloads
+together, without waiting; the receiver posts the count receive, then the payload
+receives once the count is in (``RowRecv``). Everything goes through async
+``batch_isend_irecv`` (gloo and NCCL) and is waited for only when the data is needed.
+Where the receiver already knows the counts (every backward transfer, and fixed-size
+residual hand-offs) there is no count. Empty payloads are never sent.
 
 Why our own instead of torch.distributed.pipelining's P2P: the library pre-allocates
 receive buffers from the first micro-batch's shapes, and its stages talk only to the
 next and previous stage; dispatch is many-to-many with variable sizes (FINDINGS.md).
 
-Tags keep concurrent transfers between the same two ranks apart on gloo (NCCL ignores
-them and relies on issue order, which is the same on both sides by construction).
+Tags keep concurrent transfers between the same two ranks apart on gloo. NCCL ignores
+tags and matches messages by order: the schedule validator checks that every pair of
+ranks receives in the order it sends, and the runtime posts payload receives per peer
+in that order.
 """
 
 from collections import defaultdict
@@ -42,11 +46,6 @@ class CommStats:
     def reset(self) -> dict[int, int]:
         sent, self.sent = dict(self.sent), defaultdict(int)
         return sent
-
-
-def _run(ops: list[dist.P2POp]) -> None:
-    for work in _post(ops):
-        work.wait()
 
 
 def _post(ops: list[dist.P2POp]) -> list[dist.Work]:
@@ -95,60 +94,40 @@ def post_recvs_known(recv: dict[int, list[torch.Tensor]], tag: int) -> Pending:
     return Pending(_post(ops), recv)
 
 
-def post_recvs_rows(recv_from: list[int], layout: list[tuple[tuple[int, ...], torch.dtype]], tag: int,
-                    device: torch.device) -> Pending:
-    """Receive row counts (blocking: tiny, and the sender posted them with its payload),
-    then post the payload receives without waiting.
+class RowRecv:
+    """Receives of rows whose counts are not known yet: counts are posted at once, the
+    payload receives as soon as the counts are in (``poll``) or when needed (``wait``).
 
-    Waiting for the counts here keeps, for every peer, receives in the order of its sends,
-    which NCCL needs (it matches point-to-point messages by order, not by tag).
+    Peers send counts and payloads together, so nothing here waits for the sender's
+    compute. For NCCL, which matches point-to-point messages by order rather than by tag,
+    the runtime never lets a later RowRecv from a peer post before an earlier one has
+    posted its payloads (``force``).
     """
-    counts = {peer: torch.empty(1, dtype=torch.int64, device=device) for peer in recv_from}
-    _run([dist.P2POp(dist.irecv, c, peer, tag=tag + 3) for peer, c in counts.items()])
-    tensors = {peer: [torch.empty((int(counts[peer]),) + shape, dtype=dtype, device=device)
-                      for shape, dtype in layout] for peer in recv_from}
-    return post_recvs_known(tensors, tag)
 
+    def __init__(self, recv_from: list[int], layout: list[tuple[tuple[int, ...], torch.dtype]], tag: int,
+                 device: torch.device):
+        self.layout, self.tag, self.device = layout, tag, device
+        self.peers = list(recv_from)
+        self.counts = {peer: torch.empty(1, dtype=torch.int64, device=device) for peer in recv_from}
+        self.count_works = _post([dist.P2POp(dist.irecv, c, peer, tag=tag + 3) for peer, c in self.counts.items()])
+        self.payload: Pending | None = None
 
-def exchange_known(send: dict[int, list[torch.Tensor]], recv: dict[int, list[torch.Tensor]],
-                   tag: int, stats: CommStats | None = None, kind: int = 0) -> None:
-    """Send tensors to peers and receive into pre-allocated tensors (sizes known)."""
-    ops = []
-    for peer, tensors in send.items():
-        for i, t in enumerate(tensors):
-            if t.numel():
-                ops.append(dist.P2POp(dist.isend, t.contiguous(), peer, tag=tag + i))
-        if stats is not None:
-            stats.add(kind, tensors)
-    for peer, tensors in recv.items():
-        for i, t in enumerate(tensors):
-            if t.numel():
-                ops.append(dist.P2POp(dist.irecv, t, peer, tag=tag + i))
-    _run(ops)
+    def poll(self) -> bool:
+        """Post the payload receives if the counts have arrived; True once posted."""
+        if self.payload is None and all(w.is_completed() for w in self.count_works):
+            self.force()
+        return self.payload is not None
 
+    def force(self) -> None:
+        """Wait for the counts (tiny, already sent) and post the payload receives."""
+        if self.payload is not None:
+            return
+        for work in self.count_works:
+            work.wait()
+        tensors = {peer: [torch.empty((int(self.counts[peer]),) + shape, dtype=dtype, device=self.device)
+                          for shape, dtype in self.layout] for peer in self.peers}
+        self.payload = post_recvs_known(tensors, self.tag)
 
-def exchange_rows(send: dict[int, list[torch.Tensor]], recv_from: list[int],
-                  recv_layout: list[tuple[tuple[int, ...], torch.dtype]], tag: int, device: torch.device,
-                  stats: CommStats | None = None, kind: int = 0) -> dict[int, list[torch.Tensor]]:
-    """Counts first, then row payloads.
-
-    Args:
-        send: peer -> tensors that share their first dim (the row count).
-        recv_from: peers that send to this rank.
-        recv_layout: (trailing shape, dtype) of each tensor a peer sends.
-
-    Returns:
-        peer -> received tensors, in ``recv_layout`` order.
-    """
-    counts_out = {peer: torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=device)
-                  for peer, tensors in send.items()}
-    counts_in = {peer: torch.empty(1, dtype=torch.int64, device=device) for peer in recv_from}
-    ops = [dist.P2POp(dist.isend, c, peer, tag=tag) for peer, c in counts_out.items()]
-    ops += [dist.P2POp(dist.irecv, c, peer, tag=tag) for peer, c in counts_in.items()]
-    _run(ops)
-    if stats is not None:
-        stats.add(kind, list(counts_out.values()))
-    received = {peer: [torch.empty((int(counts_in[peer]),) + shape, dtype=dtype, device=device)
-                       for shape, dtype in recv_layout] for peer in recv_from}
-    exchange_known(send, received, tag, stats, kind)
-    return received
+    def wait(self) -> dict[int, list[torch.Tensor]]:
+        self.force()
+        return self.payload.wait()

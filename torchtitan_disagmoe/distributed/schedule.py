@@ -35,9 +35,13 @@ class AFPipeShape:
     microbatches: int
     max_inflight: int = 0
     """Micro-batches allowed between first forward and last backward; 0: all of them."""
+    transfer_ticks: int = 1
+    """Modelled time of a transfer between stages, in units of one stage's compute: the
+    generator then keeps enough micro-batches in flight to hide it."""
 
     def __post_init__(self):
-        if self.num_layers < 1 or self.pipeline_depth < 1 or self.microbatches < 1 or self.max_inflight < 0:
+        if (self.num_layers < 1 or self.pipeline_depth < 1 or self.microbatches < 1 or self.max_inflight < 0
+                or self.transfer_ticks < 0):
             raise ValueError(f"invalid schedule shape {self}")
 
     @property
@@ -77,14 +81,17 @@ def generate_compute_order(shape: AFPipeShape) -> UnitTimeResult:
     inflight: set[int] = set()
     peak, tick = 0, 0
 
+    lag = shape.transfer_ticks  # adjacent stages always sit on different pipeline ranks
+    never = 1 << 30
+
     def ready(t, s, m) -> bool:
         if t == FORWARD:
             if s == 0:
                 return m in inflight or len(inflight) < shape.inflight_bound
-            return finish.get((FORWARD, s - 1, m), tick + 1) <= tick
-        if finish.get((FORWARD, s, m), tick + 1) > tick:
+            return finish.get((FORWARD, s - 1, m), never) + lag <= tick
+        if finish.get((FORWARD, s, m), never) > tick:
             return False
-        return s == last or finish.get((BACKWARD, s + 1, m), tick + 1) <= tick
+        return s == last or finish.get((BACKWARD, s + 1, m), never) + lag <= tick
 
     def priority(action):
         t, s, m = action
@@ -105,7 +112,7 @@ def generate_compute_order(shape: AFPipeShape) -> UnitTimeResult:
             if t == BACKWARD and s == 0:
                 inflight.discard(m)
         tick += 1
-        if tick > 4 * shape.num_stages * shape.microbatches + 16:
+        if tick > (4 + 2 * lag) * shape.num_stages * shape.microbatches + 16:
             raise AssertionError(f"schedule generation stalled for {shape}")
     busy = {r: len(actions) for r, actions in order.items()}
     return UnitTimeResult(order, tick, busy, peak)
@@ -178,9 +185,10 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=1)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--max-inflight", type=int, default=0)
+    parser.add_argument("--transfer-ticks", type=int, default=1)
     parser.add_argument("--compute-only", action="store_true")
     args = parser.parse_args()
-    shape = AFPipeShape(args.layers, args.p, args.microbatches, args.max_inflight)
+    shape = AFPipeShape(args.layers, args.p, args.microbatches, args.max_inflight, args.transfer_ticks)
     result = generate_compute_order(shape)
     lowered = build_af_pipe_schedule(shape)
     print(format_schedule(result.order if args.compute_only else lowered))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 GB = 1e9
 GiB = 2**30
+MiB = 2**20
 TFLOPS = 1e12
 
 
@@ -54,23 +55,25 @@ class Cluster:
 # GH100 die with NVLink and FP64 cut, the BF16 Tensor Core rate is unchanged).
 _HOPPER_BF16 = 989.4 * TFLOPS
 
+# HBM sizes are what nvidia-smi reports (80 GB parts: 81,559 MiB; H200: 143,771 MiB;
+# B200: 183,359 MiB), which is the memory a training process can see.
 PRESETS: dict[str, Cluster] = {
     # H800 SXM5: 80 GB HBM3 at 3.35 TB/s (as H100 SXM5). NVLink cut to 400 GB/s
     # bidirectional = 200 GB/s per direction (NVIDIA H800 spec). Inter-node: one 400 Gb/s
     # InfiniBand NIC per GPU = 50 GB/s. The DeepSeek-V3 technical report (arXiv 2412.19437,
     # sec. 3.2.2) gives 160 GB/s achievable NVLink and 50 GB/s IB on its H800 nodes; our
     # Efficiency.network (0.8) maps 200 -> 160 GB/s.
-    "h800": Cluster("h800", 1, 8, _HOPPER_BF16, 80 * GB, 3.35e12, 200 * GB, 50 * GB),
+    "h800": Cluster("h800", 1, 8, _HOPPER_BF16, 81559 * MiB, 3.35e12, 200 * GB, 50 * GB),
     # H100 SXM5: 80 GB HBM3 at 3.35 TB/s, NVLink 4 900 GB/s bidirectional (NVIDIA H100
     # datasheet); DGX H100 has 8x ConnectX-7 400 Gb/s, one per GPU (DGX H100 user guide).
-    "h100": Cluster("h100", 1, 8, _HOPPER_BF16, 80 * GB, 3.35e12, 450 * GB, 50 * GB),
+    "h100": Cluster("h100", 1, 8, _HOPPER_BF16, 81559 * MiB, 3.35e12, 450 * GB, 50 * GB),
     # H200 SXM: 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional (NVIDIA H200
     # datasheet); DGX H200: 8x ConnectX-7 400 Gb/s.
-    "h200": Cluster("h200", 1, 8, _HOPPER_BF16, 141 * GB, 4.8e12, 450 * GB, 50 * GB),
+    "h200": Cluster("h200", 1, 8, _HOPPER_BF16, 143771 * MiB, 4.8e12, 450 * GB, 50 * GB),
     # B200 (HGX, 1,000 W): BF16 dense 2,250 TFLOPS (4,500 with sparsity, NVIDIA HGX B200
     # spec). DGX B200: 1,440 GB HBM3e and 64 TB/s in total = 180 GB and 8 TB/s per GPU;
     # NVLink 5 1.8 TB/s bidirectional per GPU (14.4 TB/s aggregate); 8x ConnectX-7 400 Gb/s.
-    "b200": Cluster("b200", 1, 8, 2250 * TFLOPS, 180 * GB, 8.0e12, 900 * GB, 50 * GB),
+    "b200": Cluster("b200", 1, 8, 2250 * TFLOPS, 183359 * MiB, 8.0e12, 900 * GB, 50 * GB),
 }
 # Latencies (5 us NVLink, 10 us network per message) are assumed orders of magnitude for
 # NCCL point-to-point messages, not datasheet values; they matter only for tiny messages.

@@ -1,11 +1,12 @@
 """Shared result type of the AF-Pipe estimate and the baselines, and small helpers."""
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .cost import LayerCost, ModelCosts
-from .memory import MemoryReport
+from .memory import MemoryPolicy, MemoryReport
 
 
 @dataclass
@@ -41,6 +42,12 @@ class Estimate:
 
 def mfu(costs: ModelCosts, tokens: int, step_time: float, num_gpus: int) -> float:
     return costs.model_flops_per_token() * tokens / (step_time * num_gpus * costs.cluster.peak_flops)
+
+
+def local_batch(global_batch: int, data_parallel: int) -> int:
+    """Sequences per data-parallel rank per step: the requested global batch rounded to a
+    multiple of the data-parallel degree (a layout's real global batch is dp x this)."""
+    return max(1, round(global_batch / data_parallel))
 
 
 def divisors(n: int) -> list[int]:
@@ -95,3 +102,22 @@ def unique_groups(groups: tuple[GroupLayers, ...]) -> list[tuple[int, GroupLayer
     for g, grp in enumerate(groups):
         seen.setdefault(grp, g)
     return [(g, grp) for grp, g in seen.items()]
+
+
+def grad_sync_time(costs: ModelCosts, params: float, replicas: int, policy: MemoryPolicy, bw: float) -> float:
+    """Reduce-scatter + all-gather (= all-reduce volume) of fp32 gradients; latency of a
+    tree-like log2(replicas) chain each way."""
+    if replicas <= 1:
+        return 0.0
+    c = costs.cluster
+    volume = 2 * (replicas - 1) / replicas * params * policy.grad_bytes
+    inter = replicas > c.gpus_per_node and c.nodes > 1
+    return costs.link_time(0.0 if inter else volume, volume if inter else 0.0, 2 * math.ceil(math.log2(replicas)),
+                           inter_bw=bw)
+
+
+def optimizer_time(costs: ModelCosts, params: float, shards: int, policy: MemoryPolicy) -> float:
+    """Adam step: memory-bound, reads and writes the optimizer shard and the weights."""
+    c = costs.cluster
+    per_param = 2 * (policy.optimizer_bytes + policy.grad_bytes) / shards + 2 * policy.weight_bytes
+    return params * per_param / (c.hbm_bw * costs.eff.hbm)

@@ -15,7 +15,9 @@ Activations kept for backward, per token per layer (elem = bytes per element):
   activation), plus elem D per received row;
 - full recomputation keeps only each layer's input (elem D per token; elem D per
   received row on the expert side) and pays one more forward.
-The head's fp32 logits (t x V x (elem + 4)) exist for one micro-batch at a time.
+The head's logits (elem + 4 B fp32 for the loss per vocabulary entry) exist for one
+chunk of at most ``LOSS_CHUNK`` tokens at a time (a chunked / fused cross entropy; the
+whole micro-batch at once would need t x V x 6 B, 40 GB for 32K tokens of GPT-OSS).
 ``usable_fraction`` leaves room for the allocator, communication buffers and the context.
 """
 
@@ -62,8 +64,11 @@ def expert_act(costs: ModelCosts, rows: float, copies: float, recompute: bool) -
     return e * d * rows + e * (d + 3 * h) * copies
 
 
+LOSS_CHUNK = 4096
+
+
 def head_transient(costs: ModelCosts, tokens: float) -> float:
-    return tokens * costs.args.vocab_size * (costs.cluster.elem_bytes + 4)
+    return min(tokens, LOSS_CHUNK) * costs.args.vocab_size * (costs.cluster.elem_bytes + 4)
 
 
 @dataclass(frozen=True)
