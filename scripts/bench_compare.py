@@ -5,12 +5,15 @@ steps and global batch; warm-up steps are discarded and the rest averaged from e
 metrics.jsonl. Layouts run one after another in one invocation, so they share the
 machine's conditions; run it twice if the machine is busy.
 
-    python scripts/bench_compare.py                          # single, fsdp2, ep on 2 ranks
-    python scripts/bench_compare.py --layouts single,ep --world-size 4 --steps 30
+    python scripts/bench_compare.py                          # colocated EP vs AF-Pipe, 2 ranks
+    python scripts/bench_compare.py --layouts single,fsdp2,ep,af_pipe_mb1,af_pipe_mb2,af_pipe_mb4
     python scripts/bench_compare.py --json --training.seq_len 256   # overrides go to every run
 
 Layouts: ``single`` (1 process), ``fsdp2`` (FSDP2 over all ranks, experts replicated),
-``ep`` (FSDP2 + experts sharded over all ranks).
+``ep`` (colocated: FSDP2 + experts sharded over all ranks), ``af_pipe`` (half the ranks
+attention, half experts, p = 1, ``--microbatches`` micro-batches) and ``af_pipe_mbK``
+(the same with K micro-batches). ``speedup`` is af_pipe tokens/s over ep tokens/s when
+both ran.
 """
 
 import argparse
@@ -22,16 +25,29 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = {
-    "single": lambda world: (1, {"parallelism.expert_parallel_degree": 1}),
-    "fsdp2": lambda world: (world, {"parallelism.expert_parallel_degree": 1}),
-    "ep": lambda world: (world, {"parallelism.expert_parallel_degree": world}),
-}
+COLOCATED = {"single": lambda world: (1, 1, 1), "fsdp2": lambda world: (world, 1, world),
+             "ep": lambda world: (world, world, world)}  # (ranks, ep degree, data-parallel ranks)
+REPORTED = ("busy_fraction_attention", "busy_fraction_expert", "exposed_comm_fraction", "dispatch_bytes",
+            "combine_bytes", "residual_bytes")
+
+
+def layout_settings(name: str, world: int, args) -> tuple[int, int, dict]:
+    """(ranks, data-parallel ranks, config overrides) of a layout name."""
+    if name in COLOCATED:
+        ranks, ep, dp = COLOCATED[name](world)
+        return ranks, dp, {"disagmoe.mode": "colocated", "parallelism.expert_parallel_degree": ep}
+    if name == "af_pipe" or name.startswith("af_pipe_mb"):
+        microbatches = int(name[len("af_pipe_mb"):]) if name != "af_pipe" else args.microbatches
+        half = world // 2
+        return world, half, {"disagmoe.mode": "af_pipe", "disagmoe.attention_ranks": half,
+                             "disagmoe.expert_ranks": world - half, "disagmoe.pipeline_depth": 1,
+                             "disagmoe.microbatches": microbatches}
+    raise ValueError(name)
 
 
 def run_layout(name: str, world: int, args, overrides: list[str], folder: Path) -> dict:
-    ranks, settings = LAYOUTS[name](world)
-    settings = {**settings, "training.local_batch_size": args.global_batch // ranks,
+    ranks, dp, settings = layout_settings(name, world, args)
+    settings = {**settings, "training.local_batch_size": args.global_batch // dp,
                 "training.steps": args.steps, "metrics.log_freq": 1, "checkpoint.enable": "false",
                 "metrics.enable_tensorboard": "false", "job.dump_folder": str(folder)}
     cmd = ["./run_train.sh"] + [f"--{k}={v}" for k, v in settings.items()] + overrides
@@ -43,17 +59,22 @@ def run_layout(name: str, world: int, args, overrides: list[str], folder: Path) 
     timed = [r for r in records if r["step"] > args.warmup]
     seconds = sum(r["elapsed_s"] for r in timed)
     tokens = sum(r["tokens_per_second"] * r["elapsed_s"] for r in timed)
-    return {
+    result = {
         "layout": name, "ranks": ranks, "tokens_per_second": tokens / seconds,
         "mfu": sum(r["mfu"] for r in timed) / len(timed),
         "step_time_s": seconds / len(timed), "memory_gib": max(r["memory_gib"] for r in records),
         "final_loss": records[-1]["loss"],
     }
+    for key in REPORTED:
+        if key in timed[0]:
+            result[key] = sum(r[key] for r in timed) / len(timed)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", default="single,fsdp2,ep")
+    parser.add_argument("--layouts", default="ep,af_pipe")
+    parser.add_argument("--microbatches", type=int, default=2, help="micro-batches of the af_pipe layout")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5, help="steps discarded before timing")
@@ -63,22 +84,32 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     names = args.layouts.split(",")
     for name in names:
-        if name not in LAYOUTS:
-            parser.error(f"--layouts: unknown layout {name!r}; allowed: {list(LAYOUTS)}")
+        try:
+            layout_settings(name, args.world_size, args)
+        except ValueError:
+            parser.error(f"--layouts: unknown layout {name!r}; allowed: {list(COLOCATED)} + af_pipe, af_pipe_mbK")
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_layout(n, args.world_size, args, overrides, Path(tmp) / n) for n in names]
     base = results[0]["tokens_per_second"]
     ratios = {r["layout"]: r["tokens_per_second"] / base for r in results}
+    by_name = {r["layout"]: r for r in results}
+    speedup = (by_name["af_pipe"]["tokens_per_second"] / by_name["ep"]["tokens_per_second"]
+               if {"af_pipe", "ep"} <= by_name.keys() else None)
     if args.json:
-        print(json.dumps({"results": results, "ratio_vs_" + names[0]: ratios}, indent=2))
+        print(json.dumps({"results": results, "ratio_vs_" + names[0]: ratios, "speedup": speedup}, indent=2))
         return
-    print(f"{'layout':8} {'ranks':>5} {'tokens/s':>10} {'step s':>8} {'MFU':>7} {'mem GiB':>8} "
-          f"{'loss':>8} {'x ' + names[0]:>10}")
+    print(f"{'layout':12} {'ranks':>5} {'tokens/s':>9} {'step s':>7} {'MFU':>7} {'mem GiB':>7} {'loss':>7} "
+          f"{'busy A':>6} {'busy F':>6} {'exposed':>7} {'MB moved':>8} {'x ' + names[0]:>9}")
     for r in results:
-        print(f"{r['layout']:8} {r['ranks']:5d} {r['tokens_per_second']:10.0f} {r['step_time_s']:8.3f} "
-              f"{100 * r['mfu']:6.2f}% {r['memory_gib']:8.2f} {r['final_loss']:8.4f} {ratios[r['layout']]:10.2f}")
+        moved = sum(r.get(k, 0.0) for k in ("dispatch_bytes", "combine_bytes", "residual_bytes")) / 1e6
+        busy = [f"{r[k]:6.2f}" if k in r else f"{'-':>6}" for k in REPORTED[:3]]
+        print(f"{r['layout']:12} {r['ranks']:5d} {r['tokens_per_second']:9.0f} {r['step_time_s']:7.3f} "
+              f"{100 * r['mfu']:6.2f}% {r['memory_gib']:7.2f} {r['final_loss']:7.4f} {busy[0]} {busy[1]} "
+              f"{busy[2]:>7} {moved:8.2f} {ratios[r['layout']]:9.2f}")
+    if speedup is not None:
+        print(f"speedup (af_pipe tokens/s over ep tokens/s): {speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_second", "mfu", "memory_gib"}
+AF_PIPE_KEYS = {"busy_fraction_attention", "busy_fraction_expert", "exposed_comm_fraction", "dispatch_bytes",
+                "combine_bytes", "memory_gib_attention", "memory_gib_expert"}
 
 
 def _run(tmp_path, *overrides, ngpu="2", timeout=300):
@@ -24,27 +26,39 @@ def _run(tmp_path, *overrides, ngpu="2", timeout=300):
 
 
 def test_default_config_trains_and_writes_outputs(tmp_path):
-    proc = _run(tmp_path, "--training.steps", "6", "--metrics.log_freq", "1", "--checkpoint.interval", "3")
+    """The default job (AF-Pipe, 1 attention + 1 expert rank, 2 micro-batches)."""
+    proc = _run(tmp_path, "--training.steps", "6", "--metrics.log_freq", "1", "--checkpoint.interval", "3",
+                "--metrics.timeline_step", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == list(range(1, 7))
     for record in records:
-        assert REQUIRED_KEYS <= record.keys()
+        assert REQUIRED_KEYS | AF_PIPE_KEYS <= record.keys()
         assert record["tokens_per_second"] > 0 and 0 < record["mfu"] < 1
+        assert 0 < record["busy_fraction_attention"] <= 1 and 0 < record["busy_fraction_expert"] <= 1
     assert records[-1]["loss"] < records[0]["loss"]
+    assert {p.name for p in (tmp_path / "out" / "timeline").iterdir()} == {"rank0.json", "rank1.json"}
     assert list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))
     assert {p.name for p in (tmp_path / "out" / "checkpoint").iterdir()} >= {"step-3", "step-6"}
 
 
 def test_bad_setting_fails_fast_naming_the_key(tmp_path):
     start = time.monotonic()
-    proc = _run(tmp_path, "--parallelism.expert_parallel_degree", "3", timeout=120)
+    proc = _run(tmp_path, "--disagmoe.attention_ranks", "3", timeout=120)
     assert proc.returncode != 0
-    assert "parallelism.expert_parallel_degree = 3" in proc.stdout + proc.stderr
+    assert "disagmoe.attention_ranks + disagmoe.expert_ranks = 3 + 1 = 4" in proc.stdout + proc.stderr
     assert time.monotonic() - start < 60
     # Nothing was written: a refused launch leaves no half-made outputs.
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_colocated_baseline_from_the_default_file(tmp_path):
+    proc = _run(tmp_path, "--disagmoe.mode", "colocated", "--training.local_batch_size", "4",
+                "--training.steps", "2", "--checkpoint.enable", "false")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert REQUIRED_KEYS | {"dispatch_bytes", "combine_bytes"} <= record.keys()
 
 
 def test_unknown_key_is_refused(tmp_path):
@@ -55,7 +69,7 @@ def test_unknown_key_is_refused(tmp_path):
 
 def test_af_pipe_run_reports_transfer_bytes(tmp_path):
     proc = _run(tmp_path, "--disagmoe.mode", "af_pipe", "--disagmoe.attention_ranks", "2",
-                "--disagmoe.expert_ranks", "2", "--disagmoe.pipeline_depth", "2",
+                "--disagmoe.expert_ranks", "2", "--disagmoe.pipeline_depth", "2", "--disagmoe.microbatches", "1",
                 "--training.steps", "2", "--metrics.log_freq", "1", "--checkpoint.enable", "false",
                 ngpu="4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

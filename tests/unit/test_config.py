@@ -291,7 +291,7 @@ def test_validate_pipeline_parallel_refused():
 
 def test_expert_parallel_degree_minus_one_means_all_ranks():
     """The default job file uses -1 so it runs on NGPU 1, 2 or 4 unchanged."""
-    config = _load("--job.config_file", str(DEBUG_TOML))
+    config = _load("--job.config_file", str(DEBUG_TOML), "--disagmoe.mode", "colocated")
     assert config.parallelism.expert_parallel_degree == -1
     for world in (1, 2, 4):
         config.validate(world)

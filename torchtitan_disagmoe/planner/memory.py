@@ -11,8 +11,9 @@ Activations kept for backward, per token per layer (elem = bytes per element):
 - attention side: elem x (4 D  [block input, attention norm out, residual, FFN norm out]
   + q + k + v widths + attention output) + 4 heads (softmax statistics, fp32)
   + 4 E (router probabilities, fp32) + elem x 3 H per shared expert / 3 H_dense (FFN);
-- expert side, per routed copy: elem x (D + 3 H) (gathered input, gate/up outputs,
-  activation), plus elem D per received row;
+- expert side, per routed copy: elem x (2 D + 3 H) (gathered input, gate/up outputs,
+  activation, expert output kept for the routing-weight gradient), plus elem D per
+  received row;
 - full recomputation keeps only each layer's input (elem D per token; elem D per
   received row on the expert side) and pays one more forward.
 The head's logits (elem + 4 B fp32 for the loss per vocabulary entry) exist for one
@@ -61,7 +62,7 @@ def expert_act(costs: ModelCosts, rows: float, copies: float, recompute: bool) -
     e, d, h = costs.cluster.elem_bytes, costs.dim, costs.args.moe_inter_dim
     if recompute:
         return e * d * rows
-    return e * d * rows + e * (d + 3 * h) * copies
+    return e * d * rows + e * (2 * d + 3 * h) * copies
 
 
 LOSS_CHUNK = 4096
