@@ -1,20 +1,25 @@
 """Inputs for the simulator from the runtime's own definitions.
 
-- ``af_dependencies``: the data dependencies of the disaggregated stage chain
-  (forward A(l) -> dispatch(l) -> F(l) -> combine(l) -> A(l+1), the residual hand-off
-  A(l) -> A(l+1) when p > 1; backward reversed), for any per-rank lists of
-  ``(op, layer, microbatch)`` such as the AF-Pipe schedule's.
-- ``participants``: which ranks take part in each op of ``af_engine.global_program``.
-- ``engine_program_per_rank``: what today's engine runs: the global program of each
-  micro-batch, one micro-batch after another (gradient accumulation, no overlap between
-  micro-batches). Not an AF-Pipe schedule; that one comes from ``distributed/schedule.py``.
+- ``schedule_program_per_rank``: the AF-Pipe schedule that the runtime executes
+  (``distributed.schedule.build_af_pipe_schedule``: per pipeline rank, compute actions and
+  the library's SEND/RECV actions) turned into per-physical-rank lists of
+  ``(op, layer, microbatch)``, with the runtime's meaning of each action
+  (``distributed/af_engine.py``): SEND_F of A(l) posts dispatch(l) (+ residual(l) when
+  p > 1), SEND_F of F(l) posts combine(l), RECV_F posts the matching receives, SEND_B /
+  RECV_B the gradients. Empty F stages of dense layers are dropped.
+- ``af_dependencies``: data dependencies of the stage chain (forward A(l) -> dispatch(l)
+  -> F(l) -> combine(l) -> A(l+1), residual A(l) -> A(l+1) when p > 1; backward reversed).
 - ``cost_duration_fn``: per-op durations from the cost model.
+
+    python -m torchtitan_disagmoe.planner --model qwen3_moe --flavor debug \\
+        --cluster this-machine --seq-len 128 --simulate timeline.png
 """
 
 from typing import Callable
 
-from torchtitan_disagmoe.distributed.af_engine import global_program
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
+from torchtitan_disagmoe.distributed.pipelining_ir import BACKWARD, FORWARD, RECV_B, RECV_F, SEND_B, SEND_F
+from torchtitan_disagmoe.distributed.schedule import AFPipeShape, build_af_pipe_schedule
 
 from .cost import ModelCosts
 from .simulate import DepsFn, Op, is_transfer
@@ -49,35 +54,51 @@ def af_dependencies(num_layers: int, moe_layers: list[bool], pipeline_depth: int
     return deps
 
 
-def participants(dims: DisaggDims, name: str, layer: int) -> list[int]:
-    """Ranks that run ``(name, layer)`` in the disaggregated engine."""
-    g, nxt = dims.group_of_layer(layer), dims.group_of_layer(layer + 1)
-    attn, expert = dims.attention_group_ranks, dims.expert_group_ranks
-    table = {
-        "attention_forward": attn(g), "attention_backward": attn(g),
-        "expert_forward": expert(g), "expert_backward": expert(g),
-        "dispatch": attn(g) + expert(g), "dispatch_grad": attn(g) + expert(g),
-        "combine": expert(g) + attn(nxt), "combine_grad": expert(g) + attn(nxt),
-        "residual": attn(g) + attn(nxt), "residual_grad": attn(g) + attn(nxt),
-    }
-    return table[name]
+def _action_ops(action, moe_layers: list[bool], p: int) -> list[Op]:
+    """The ops one schedule action stands for (see the module docstring)."""
+    t, s, m = action.computation_type, action.stage_index, action.microbatch_index
+    layer, on_expert = s // 2, bool(s % 2)
+    if t in (FORWARD, BACKWARD):
+        if on_expert and not moe_layers[layer]:
+            return []
+        kind = "expert" if on_expert else "attention"
+        return [(f"{kind}_{'forward' if t == FORWARD else 'backward'}", layer, m)]
+    residual = p > 1
+    if t in (SEND_F, RECV_F):
+        if on_expert:
+            return [("combine" if t == SEND_F else "dispatch", layer, m)] if moe_layers[layer] else []
+        src = layer if t == SEND_F else layer - 1  # SEND_F of A(l) starts layer l's edges
+        if src < 0 or src >= len(moe_layers):
+            return []
+        ops = [("dispatch" if t == SEND_F else "combine", src, m)] if moe_layers[src] else []
+        return ops + ([("residual", src, m)] if residual else [])
+    if on_expert:  # SEND_B of F(l): dispatch grads; RECV_B of F(l): combine grads
+        return [("dispatch_grad" if t == SEND_B else "combine_grad", layer, m)] if moe_layers[layer] else []
+    dst = layer - 1 if t == SEND_B else layer  # SEND_B of A(l) ends layer l-1's edges
+    if dst < 0 or dst >= len(moe_layers):
+        return []
+    ops = [("combine_grad" if t == SEND_B else "dispatch_grad", dst, m)] if moe_layers[dst] else []
+    return ops + ([("residual_grad", dst, m)] if residual else [])
 
 
-def engine_program_per_rank(dims: DisaggDims, moe_layers: list[bool], microbatches: int) -> dict[int, list[Op]]:
-    """Per-rank lists of today's engine: each micro-batch's global program in turn."""
-    program = global_program(dims.num_layers, moe_layers, dims.pipeline_depth)
-    out: dict[int, list[Op]] = {r: [] for r in range(dims.attention_ranks + dims.expert_ranks)}
-    for m in range(microbatches):
-        for name, layer in program:
-            for r in participants(dims, name, layer):
-                out[r].append((name, layer, m))
+def schedule_program_per_rank(dims: DisaggDims, moe_layers: list[bool], microbatches: int,
+                              max_inflight: int = 0) -> dict[int, list[Op]]:
+    """Per-physical-rank op lists of the AF-Pipe schedule the runtime executes."""
+    shape = AFPipeShape(dims.num_layers, dims.pipeline_depth, microbatches, max_inflight)
+    lowered = build_af_pipe_schedule(shape)
+    out: dict[int, list[Op]] = {}
+    for g in range(dims.pipeline_depth):
+        for pp_rank, ranks in ((2 * g, dims.attention_group_ranks(g)), (2 * g + 1, dims.expert_group_ranks(g))):
+            ops = [op for a in lowered[pp_rank] for op in _action_ops(a, moe_layers, dims.pipeline_depth)]
+            for r in ranks:
+                out[r] = list(ops)
     return out
 
 
 def cost_duration_fn(costs: ModelCosts, dims: DisaggDims, tokens: float,
                      recompute: bool = False) -> Callable[[Op, int], float]:
-    """Durations of the engine's ops for ``tokens`` tokens per attention rank and
-    micro-batch; transfers by the bytes this rank sends or receives."""
+    """Durations of the runtime's ops for ``tokens`` tokens per attention rank and
+    micro-batch; a transfer takes the bytes this rank sends or receives over its link."""
     ep, dp = dims.ep, dims.dp
     rows_a = tokens * costs.distinct_ranks(ep)  # rows an attention rank sends per layer
     rows_f = dp * rows_a / ep  # rows an expert rank receives per layer

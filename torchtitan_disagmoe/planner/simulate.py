@@ -1,28 +1,30 @@
 """Discrete-event simulator that replays per-rank action lists.
 
-Input: for every rank an ordered list of ops ``(name, layer, microbatch)`` (the tuples of
-``af_engine.global_program`` with a micro-batch index; any schedule generator's lists
-work, e.g. ``distributed/schedule.py``'s), a duration for each op on each rank, and the
-dependencies between ops.
+Input: for every rank an ordered list of ops ``(name, layer, microbatch)`` (the op names
+of the disaggregated engine: attention_forward, dispatch, expert_forward, combine,
+residual and their backward/grad counterparts; ``programs.schedule_program_per_rank``
+turns the AF-Pipe schedule's action lists into this form), a duration for each op on
+each rank, and the dependencies between ops.
 
 Semantics:
-- Each rank has two lanes: compute, and its link. Compute ops run one at a time in list
-  order; transfer ops (``is_transfer``) occupy the link lane of *every* rank whose list
-  contains the same op (sender and receivers), starting when all of them have reached it,
-  and last the longest of their durations.
-- A rank issues its ops in list order: an op starts no earlier than the previous op of
-  the same list started (``blocking=False``: transfers are asynchronous, compute goes on
-  while they run) or finished (``blocking=True``: every op waits for the one before).
-- An op starts only after every op it depends on has finished on every rank that runs it.
+- Each rank has a compute lane and a link. Compute ops run one at a time, in list order,
+  each once its dependencies have finished.
+- A transfer op (``is_transfer``) in a rank's list is *posted* when the rank reaches it
+  (the previous compute op of the list has finished): with ``blocking=False`` the rank
+  goes straight on (asynchronous send/recv), with ``blocking=True`` it waits for the
+  transfer to finish. A transfer starts once every rank whose list holds it (senders and
+  receivers) has posted it, its dependencies have finished and all those ranks' links
+  are free; it occupies all their links for the longest of their durations.
+- An op is finished when it has finished on every rank that runs it.
 
 Output: makespan and per-rank busy intervals; ``draw_timeline`` renders them as a PNG.
-Deadlocks (a rank waits on an op that can never start) raise ValueError with each rank's
-next op.
+A deadlock (ops that can never start) raises ValueError naming each rank's next op.
 
     from torchtitan_disagmoe.planner.simulate import simulate, draw_timeline
     result = simulate({0: [("attention_forward", 0, 0)]}, lambda op, rank: 1.0)
 """
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -92,66 +94,99 @@ class _Simulation:
         self.programs = {r: [tuple(op) for op in ops] for r, ops in programs.items()}
         self.duration_fn, self.deps_of, self.blocking = duration_fn, deps_of, blocking
         self.members = _participants(self.programs)
-        for op in self.members:
-            for d in deps_of(op):
-                if tuple(d) not in self.members:
-                    raise ValueError(f"op {op} depends on {tuple(d)}, which no rank runs")
+        self.deps = {op: [tuple(d) for d in deps_of(op)] for op in self.members}
+        for op, ds in self.deps.items():
+            for d in ds:
+                if d not in self.members:
+                    raise ValueError(f"op {op} depends on {d}, which no rank runs")
         self.pos = {r: 0 for r in self.programs}
-        self.issue = {r: 0.0 for r in self.programs}  # earliest start of the rank's next op
-        self.lane_free = {(r, lane): 0.0 for r in self.programs for lane in ("compute", "link")}
+        self.busy_until = {r: 0.0 for r in self.programs}  # compute lane
+        self.link_until = {r: 0.0 for r in self.programs}
+        self.blocked_on: dict[int, Op] = {}
+        self.posted: dict[Op, int] = defaultdict(int)
+        self.ready_transfers: list[Op] = []  # posted by everyone, not started (FIFO)
         self.ends: dict[Op, list[float]] = defaultdict(list)
+        self.events: list[tuple[float, int, Op, tuple[int, ...]]] = []
+        self.seq = 0
         self.result = SimResult(0.0, {r: [] for r in self.programs}, {})
 
     def run(self) -> SimResult:
-        remaining = sum(len(ops) for ops in self.programs.values())
-        while remaining:
-            progressed = False
-            for rank, ops in self.programs.items():
-                while self.pos[rank] < len(ops):
-                    started = self._try_start(ops[self.pos[rank]], rank)
-                    if not started:
-                        break
-                    for r in started:
-                        self.pos[r] += 1
-                    remaining -= len(started)
-                    progressed = True
-            if not progressed:
-                stuck = {r: ops[self.pos[r]] for r, ops in self.programs.items() if self.pos[r] < len(ops)}
-                raise ValueError(f"schedule deadlocks; next op per rank: {stuck}")
-        ivs = [i for rank_ivs in self.result.intervals.values() for i in rank_ivs]
-        self.result.makespan = max((i.end for i in ivs), default=0.0)
+        now = 0.0
+        while True:
+            while self._advance_ranks(now) | self._start_transfers(now):
+                pass
+            if not self.events:
+                break
+            now = self.events[0][0]
+            while self.events and self.events[0][0] == now:
+                _, _, op, ranks = heapq.heappop(self.events)
+                self._finished(op, ranks, now)
+        stuck = {r: ops[self.pos[r]] for r, ops in self.programs.items() if self.pos[r] < len(ops)}
+        unstarted = [op for op in self.members if op not in self.result.finish]
+        if stuck or unstarted:
+            raise ValueError(f"schedule deadlocks; next op per rank: {stuck}; "
+                             f"unfinished: {unstarted[:8]}")
+        self.result.makespan = now
         return self.result
 
-    def _try_start(self, op: Op, rank: int) -> list[int]:
-        """Start ``op`` if its participants have reached it and its dependencies are done;
-        returns the ranks it started on (empty: it must wait)."""
-        finish = self.result.finish
-        ready = 0.0
-        for d in self.deps_of(op):
-            if tuple(d) not in finish:
-                return []
-            ready = max(ready, finish[tuple(d)])
-        transfer = is_transfer(op[0])
-        ranks = self.members[op] if transfer else [rank]
-        lane = "link" if transfer else "compute"
-        programs, pos = self.programs, self.pos
-        if transfer and any(pos[r] >= len(programs[r]) or programs[r][pos[r]] != op for r in ranks):
-            return []
-        start = max([ready] + [max(self.issue[r], self.lane_free[(r, lane)]) for r in ranks])
-        duration = max(self.duration_fn(op, r) for r in ranks)
+    def _deps_done(self, op: Op) -> bool:
+        return all(d in self.result.finish for d in self.deps[op])
+
+    def _advance_ranks(self, now: float) -> bool:
+        """Let every idle rank start its next compute op or post its next transfers."""
+        changed = False
+        for rank, ops in self.programs.items():
+            while (self.pos[rank] < len(ops) and rank not in self.blocked_on
+                   and self.busy_until[rank] <= now):
+                op = ops[self.pos[rank]]
+                if is_transfer(op[0]):
+                    self.posted[op] += 1
+                    if self.posted[op] == len(self.members[op]):
+                        self.ready_transfers.append(op)
+                    if self.blocking:
+                        self.blocked_on[rank] = op
+                elif self._deps_done(op):
+                    end = now + self._duration(op, [rank])
+                    self.busy_until[rank] = end
+                    self._record(op, [rank], now, end, "compute")
+                else:
+                    break
+                self.pos[rank] += 1
+                changed = True
+        return changed
+
+    def _start_transfers(self, now: float) -> bool:
+        started = []
+        for op in self.ready_transfers:
+            ranks = self.members[op]
+            if self._deps_done(op) and all(self.link_until[r] <= now for r in ranks):
+                end = now + self._duration(op, ranks)
+                for r in ranks:
+                    self.link_until[r] = end
+                self._record(op, ranks, now, end, "link")
+                started.append(op)
+        self.ready_transfers = [op for op in self.ready_transfers if op not in started]
+        return bool(started)
+
+    def _duration(self, op: Op, ranks: list[int]) -> float:
+        duration = max(float(self.duration_fn(op, r)) for r in ranks)
         if duration < 0:
             raise ValueError(f"negative duration {duration} for {op}")
-        end = start + duration
+        return duration
+
+    def _record(self, op: Op, ranks: list[int], start: float, end: float, lane: str) -> None:
         for r in ranks:
-            self.lane_free[(r, lane)] = end
-            self.issue[r] = end if self.blocking else start
             self.result.intervals[r].append(Interval(r, op, start, end, lane))
-        # An op that several ranks run (e.g. attention_forward on every rank of a group)
-        # is finished when the last of them is.
-        self.ends[op] += [end] * len(ranks)
+        heapq.heappush(self.events, (end, self.seq, op, tuple(ranks)))
+        self.seq += 1
+
+    def _finished(self, op: Op, ranks: tuple[int, ...], now: float) -> None:
+        self.ends[op] += [now] * len(ranks)
         if len(self.ends[op]) == len(self.members[op]):
-            finish[op] = max(self.ends.pop(op))
-        return ranks
+            self.result.finish[op] = max(self.ends.pop(op))
+        for r in ranks:
+            if self.blocked_on.get(r) == op:
+                del self.blocked_on[r]
 
 
 # ---- picture ------------------------------------------------------------------------------
