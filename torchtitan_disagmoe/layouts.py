@@ -12,6 +12,7 @@ mean loss over the global batch, i.e. what a single process computes.
 """
 
 import json
+import logging
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,8 @@ from torchtitan_disagmoe.models import ModelSpec
 from torchtitan_disagmoe.models.args import MoETransformerArgs
 from torchtitan_disagmoe.models.init import init_model_weights_
 from torchtitan_disagmoe.models.moe import MoE
+
+logger = logging.getLogger("torchtitan_disagmoe")
 
 
 def materialize(model: nn.Module, spec: ModelSpec, args: MoETransformerArgs, device: torch.device, seed: int) -> None:
@@ -61,6 +64,7 @@ class ColocatedLayout:
         self.dp_rank, self.dp_degree, self.has_data = rank, world_size, True
         self.router_group = None  # load-balance counts are summed over all ranks
         self.plain_param_replicas = world_size
+        self.has_timeline = False  # no action list to draw
 
     def describe(self) -> str:
         return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}"
@@ -79,8 +83,6 @@ class ColocatedLayout:
         """Average of a per-rank value (every rank holds one) over the data-parallel ranks."""
         return _sum_over_job(value, self.world_size) / self.world_size
 
-    def save_timeline(self, folder, step: int) -> None:
-        pass  # the colocated layout has no action list
 
     def step_metrics(self, device: torch.device) -> dict[str, float]:
         """All-to-all bytes sent to other ranks per step, all ranks (collective)."""
@@ -100,8 +102,6 @@ class DisaggregatedLayout:
     def __init__(self, config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int,
                  world_size: int, device: torch.device):
         d = config.disagmoe
-        if config.compile.enable:
-            raise ValueError("compile.enable is not supported with disagmoe.mode = 'af_pipe' yet; set it to false")
         self.rank, self.world_size, self.device = rank, world_size, device
         self.dims = DisaggDims(d.attention_ranks, d.expert_ranks, d.pipeline_depth, args.n_layers,
                                args.moe.num_experts)
@@ -122,6 +122,7 @@ class DisaggregatedLayout:
         self.dp_rank, self.dp_degree = (self.role.index if self.has_data else 0), self.dims.dp
         self.router_group = self.dims.my_group(rank)
         self.plain_param_replicas = self.dims.dp  # attention parameters: one copy per group rank
+        self.has_timeline = True
 
     def describe(self) -> str:
         dm = self.dims
@@ -186,5 +187,9 @@ class DisaggregatedLayout:
 
 def build_layout(config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int, world_size: int,
                  device: torch.device):
-    cls = DisaggregatedLayout if config.disagmoe.mode == "af_pipe" else ColocatedLayout
+    mode = config.effective_mode(world_size)
+    if mode != config.disagmoe.mode:
+        logger.warning("disagmoe.mode = 'af_pipe' needs at least 2 ranks (one per pool); NGPU = 1 runs "
+                       "the single-process reference on the same data instead")
+    cls = DisaggregatedLayout if mode == "af_pipe" else ColocatedLayout
     return cls(config, spec, args, rank, world_size, device)

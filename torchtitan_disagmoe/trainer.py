@@ -150,7 +150,8 @@ class Trainer:
             logger.info(f"checkpoint is at step {self.step} >= training.steps = {steps}: nothing to do")
         while self.step < stop_at:
             self.step += 1
-            values = self._traced_step() if self.step == self.config.metrics.timeline_step else self.train_step()
+            traced = self.step == self.config.metrics.timeline_step and self.layout.has_timeline
+            values = self._traced_step() if traced else self.train_step()
             self.checkpointer.save(self.step, last_step=self.step == steps)
             if self.metrics.should_log(self.step, steps):
                 values.update(memory_gib=peak_memory_gib(self.device), flops_per_token=flops_per_token,

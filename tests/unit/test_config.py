@@ -298,3 +298,12 @@ def test_expert_parallel_degree_minus_one_means_all_ranks():
         assert config.expert_parallel_degree(world) == world
     with pytest.raises(ValueError, match=r"parallelism\.expert_parallel_degree = -2"):
         _load("--parallelism.expert_parallel_degree", "-2")
+
+
+def test_single_rank_af_pipe_job_runs_the_reference():
+    """One rank cannot hold two pools: the default (af_pipe) job on NGPU=1 is validated and
+    run as the single-process reference on the same data."""
+    config = _load("--job.config_file", str(DEBUG_TOML))
+    assert config.disagmoe.mode == "af_pipe"
+    config.validate(1)
+    assert config.effective_mode(1) == "colocated" and config.effective_mode(2) == "af_pipe"

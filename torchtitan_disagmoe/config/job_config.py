@@ -254,6 +254,11 @@ class JobConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
 
+    def effective_mode(self, world_size: int) -> str:
+        """``disagmoe.mode``, except that one rank cannot be split into two pools: a
+        single-rank af_pipe job runs the single-process reference (the trainer says so)."""
+        return "colocated" if world_size == 1 else self.disagmoe.mode
+
     def expert_parallel_degree(self, world_size: int) -> int:
         """The expert-parallel degree with -1 resolved to ``world_size``."""
         ep = self.parallelism.expert_parallel_degree
@@ -271,7 +276,7 @@ class JobConfig:
         args = spec.get_flavor(self.model.flavor)
         args.validate_seq_len(self.training.seq_len)
         par, dis = self.parallelism, self.disagmoe
-        if dis.mode == "af_pipe":
+        if self.effective_mode(world_size) == "af_pipe":
             from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
 
             DisaggDims(dis.attention_ranks, dis.expert_ranks, dis.pipeline_depth, args.n_layers,

@@ -235,3 +235,44 @@ def estimate_af_pipe(costs: ModelCosts, lay: AFLayout, global_batch: int,
                  "global_batch": lay.dp * local}
     return Estimate("af_pipe", step, tokens, n, mfu(costs, tokens, step, n), asdict(lay), pool,
                     af_memory(costs, lay, policy, t, k), breakdown)
+
+
+@dataclass(frozen=True)
+class PoolLoad:
+    """What one rank of a pool does per micro-batch (its busiest group), for the roofline."""
+
+    flops: float
+    net_bytes: float
+    """Bytes over the inter-node link in the busier direction (NVLink on a single node)."""
+    bandwidth: float
+    """That link's bandwidth for this rank (bytes/s, before efficiency)."""
+    time: float
+    """overlapped(compute, transfers) per micro-batch."""
+
+
+def pool_loads(costs: ModelCosts, lay: AFLayout, global_batch: int) -> dict[str, PoolLoad]:
+    """Per-pool FLOPs, network bytes and bandwidth of one micro-batch (busiest group)."""
+    t = local_batch(global_batch, lay.dp) // lay.microbatches * costs.seq_len
+    ln = links(costs, lay)
+    single = costs.cluster.nodes == 1
+    a_out, a_in = costs.af_bytes_per_token(lay.ep)
+    rows, copies = _expert_load(costs, lay, t)
+    out: dict[str, PoolLoad] = {}
+    for _, grp in unique_groups(group_layers(costs, lay.pipeline_depth)):
+        flops = 3 * t * sum(n * (lc.gemm_flops + lc.attn_flops) for lc, n in grp.layers)
+        flops += 3 * t * costs.head_flops if grp.head else 0.0
+        net = max(grp.num_moe * t * a_out, grp.moe_in * t * a_in) * (1.0 if single else ln.remote)
+        fwd, bwd, tnet = _attention_group(costs, grp, lay, t, ln)
+        load = PoolLoad(flops, net, costs.cluster.intra_bw if single else ln.a_bw, costs.overlapped(fwd + bwd, tnet))
+        if "attention" not in out or load.time > out["attention"].time:
+            out["attention"] = load
+        if grp.num_moe:
+            flops = grp.num_moe * 3 * copies * 2 * costs.expert_params
+            row = max(costs.combine_row + costs.dispatch_grad_row, costs.dispatch_row + costs.combine_grad_row)
+            net = grp.num_moe * rows * row * (1.0 if single else ln.remote)
+            fwd, bwd, tnet = _expert_group(costs, grp, lay, t, ln)
+            load = PoolLoad(flops, net, costs.cluster.intra_bw if single else ln.f_bw,
+                            costs.overlapped(fwd + bwd, tnet))
+            if "expert" not in out or load.time > out["expert"].time:
+                out["expert"] = load
+    return out
