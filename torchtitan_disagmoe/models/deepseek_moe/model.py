@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..args import MoETransformerArgs
-from ..moe import FeedForward, MoE
+from ..transformer import MoETransformer
 
 
 @dataclass(kw_only=True)
@@ -173,53 +173,9 @@ class Attention(nn.Module):
         return self.wo(out_BHSDv.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm block, dense FFN for the first ``n_dense_layers`` layers, MoE after.
-    ``attention_part`` and ``ffn_part`` are exposed separately because the disaggregated
-    runtime runs them on different ranks."""
+class DeepSeekMoEModel(MoETransformer):
+    attention_cls = Attention
 
-    def __init__(self, layer_id: int, args: DeepSeekMoEArgs):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.moe_enabled = args.is_moe_layer(layer_id)
-        if self.moe_enabled:
-            self.moe = MoE(args.moe, args.dim, args.moe_inter_dim)
-        else:
-            self.feed_forward = FeedForward(args.dim, args.dense_inter_dim)
-
-    def attention_part(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-        return x + self.attention(self.attention_norm(x), rope_cache)
-
-    def ffn_part(self, h: torch.Tensor) -> torch.Tensor:
-        ffn = self.moe if self.moe_enabled else self.feed_forward
-        return h + ffn(self.ffn_norm(h))
-
-    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-        return self.ffn_part(self.attention_part(x, rope_cache))
-
-
-class DeepSeekMoEModel(nn.Module):
-    def __init__(self, args: DeepSeekMoEArgs):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_cache", self._rope_cache(), persistent=False)
-
-    def _rope_cache(self) -> torch.Tensor:
-        return precompute_mla_rope_cache(self.args)
-
-    def init_buffers(self) -> None:
-        self.rope_cache = self._rope_cache().to(self.rope_cache.device)
-
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, S) -> logits (B, S, vocab)."""
-        h = self.tok_embeddings(tokens_BS)
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cache)
-        return self.output(self.norm(h))
+    @staticmethod
+    def rope_cache_for(args: DeepSeekMoEArgs) -> torch.Tensor:
+        return precompute_mla_rope_cache(args)
