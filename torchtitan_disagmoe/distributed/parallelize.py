@@ -5,11 +5,8 @@ torch.compile (per block), then FSDP2 (per block, then the root). Model code kno
 nothing of any of this.
 """
 
-import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-
-from torchtitan_disagmoe.models.moe import MoE
 
 from .expert_parallel import apply_expert_parallel
 from .parallel_dims import ParallelDims
@@ -50,7 +47,3 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, compile_enabled: boo
     if dims.fsdp_enabled:
         apply_fsdp(model, dims, set(expert_params))
     return expert_params
-
-
-def moe_modules(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
