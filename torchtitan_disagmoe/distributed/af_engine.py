@@ -108,7 +108,7 @@ class AFPipeRuntime:
         for pending in self.outbox:
             self._wait(pending)
         self.times.record("WAIT_SENDS", -1, -1, start)
-        self.records.clear()
+        assert not self.records, f"stage records leaked: {sorted(self.records)}"
         return torch.stack(self.losses).mean() if self.losses else None
 
     def _post_rows(self, key: tuple[str, int, int], peers: list[int], layout, tag: int) -> None:
@@ -145,6 +145,13 @@ class AFPipeRuntime:
         start = time.perf_counter()
         rec.backward(grads)
         self.times.compute += time.perf_counter() - start
+        # Free what no later action reads, so live activations stay bounded by the
+        # micro-batches in flight: with p = 1 the next attention stage's input gradient
+        # was read just now; stage 0 sends nothing back.
+        if stage % 2 == 0 and self.dims.pipeline_depth == 1:
+            self.records.pop((stage + 2, mb), None)
+        if stage == 0:
+            self.records.pop((0, mb))
 
     def _attention_forward(self, layer: int, mb: int) -> None:
         rec = self.records[(2 * layer, mb)] = StageRecord()
@@ -263,6 +270,8 @@ class AFPipeRuntime:
 
     def _send_b(self, stage: int, mb: int) -> None:
         rec = self.records[(stage, mb)]
+        if stage % 2 or self.dims.pipeline_depth > 1:
+            del self.records[(stage, mb)]  # sent: nothing reads it any more
         layer = stage // 2
         if stage % 2:  # F(l) -> A(l): dispatch grads
             if self.moe_layers[layer]:
