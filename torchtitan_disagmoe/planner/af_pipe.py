@@ -15,8 +15,9 @@ Compute and transfers run on separate streams, so a group's time per micro-batch
     T_pool = m * max_g overlapped(C, N) / min(1, k / k_need),
     k_need = ceil(p * (c_a + c_f + x) / max(c_a, c_f))
 
-(c_a, c_f, x: one layer's A-stage, F-stage and transfer time for one micro-batch; a
-micro-batch must travel the 2p-group ring before a group sees it again.) The step adds
+(c_a, c_f, x: one layer's A-stage, F-stage and transfer time for one micro-batch, x with
+the messages' latency; a micro-batch must travel the 2p-group ring before a group sees
+it again. Latency delays a transfer's consumer but does not occupy the link.) The step adds
 the fill and drain of the ring, after DESIGN.md's (PP-1)/(2v) [max(T_a, T_f) + T_M2N] with
 PP = 2p groups and T per group-stage of v layers:
 
@@ -40,10 +41,17 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from .cost import ModelCosts
-from .estimate import (Estimate, GroupLayers, grad_sync_time, group_layers, local_batch, mfu, optimizer_time,
-                       unique_groups)
-from .memory import (MemoryPolicy, MemoryReport, attention_act_per_token, available, expert_act,
-                     head_transient, worst)
+from .estimate import (
+    Estimate,
+    GroupLayers,
+    grad_sync_time,
+    group_layers,
+    local_batch,
+    mfu,
+    optimizer_time,
+    unique_groups,
+)
+from .memory import MemoryPolicy, MemoryReport, attention_act_per_token, available, expert_act, head_transient, worst
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,22 @@ def links(costs: ModelCosts, lay: AFLayout) -> _Links:
     return _Links(c.inter_bw, c.inter_bw, 1.0, 1.0 if lay.dp >= c.gpus_per_node else 0.0)
 
 
-def _link_time(costs: ModelCosts, out_b: float, in_b: float, bw: float, remote: float, messages: float) -> float:
-    busiest = max(out_b, in_b)  # full duplex: the busier direction decides
-    return costs.link_time(busiest * (1 - remote), busiest * remote, messages, inter_bw=bw)
+def _link_time(costs: ModelCosts, out_b: float, in_b: float, bw: float, remote: float) -> float:
+    """Link occupancy: the busier direction (full duplex); latency is not occupancy, it
+    only delays the consumer (``_chain_latency``)."""
+    busiest = max(out_b, in_b)
+    return costs.link_time(busiest * (1 - remote), busiest * remote, 0, inter_bw=bw)
+
+
+MESSAGES_PER_MOE_LAYER = 6
+"""On one micro-batch's chain through a MoE layer: dispatch and combine (row counts, then
+payload: 2 messages each), combine-grad and dispatch-grad (1 each)."""
+
+
+def _chain_latency(costs: ModelCosts, ln: "_Links", p: int) -> float:
+    c = costs.cluster
+    latency = c.intra_latency if c.nodes == 1 or ln.remote == 0 else c.inter_latency
+    return (MESSAGES_PER_MOE_LAYER + (2 if p > 1 else 0)) * latency
 
 
 def _attention_group(costs: ModelCosts, grp: GroupLayers, lay: AFLayout, t: float, ln: _Links):
@@ -125,11 +146,10 @@ def _attention_group(costs: ModelCosts, grp: GroupLayers, lay: AFLayout, t: floa
         f, b = costs.head_stage(t, lay.recompute)
         fwd, bwd = fwd + f, bwd + b
     a_out, a_in = costs.af_bytes_per_token(lay.ep)
-    # dispatch (+ counts), combine (+ counts), two gradients per MoE layer
-    net = _link_time(costs, grp.num_moe * t * a_out, grp.moe_in * t * a_in, ln.a_bw, ln.remote, 6 * grp.num_moe)
+    net = _link_time(costs, grp.num_moe * t * a_out, grp.moe_in * t * a_in, ln.a_bw, ln.remote)
     if lay.pipeline_depth > 1:  # residual in and out, forward and backward
         hand = (grp.num_layers + grp.head) * t * costs.residual_row
-        net += _link_time(costs, hand, hand, ln.a_bw, ln.residual_remote, 2 * (grp.num_layers + grp.head))
+        net += _link_time(costs, hand, hand, ln.a_bw, ln.residual_remote)
     return fwd, bwd, net
 
 
@@ -148,7 +168,7 @@ def _expert_group(costs: ModelCosts, grp: GroupLayers, lay: AFLayout, t: float, 
     n = grp.num_moe
     out_b = n * rows * (costs.combine_row + costs.dispatch_grad_row)
     in_b = n * rows * (costs.dispatch_row + costs.combine_grad_row)
-    return n * f, n * b, _link_time(costs, out_b, in_b, ln.f_bw, ln.remote, 6 * n)
+    return n * f, n * b, _link_time(costs, out_b, in_b, ln.f_bw, ln.remote)
 
 
 def _attention_params(costs: ModelCosts, grp: GroupLayers) -> float:
@@ -218,6 +238,7 @@ def estimate_af_pipe(costs: ModelCosts, lay: AFLayout, global_batch: int,
             params = _expert_params(costs, grp, lay)
             grad = max(grad, grad_sync_time(costs, params, lay.expert_replicas, policy, ln.f_bw) - fbwd)
             opt = max(opt, optimizer_time(costs, params, lay.expert_replicas, policy))
+    x += _chain_latency(costs, ln, p)
     k_need = math.ceil(p * (c_a + c_f + x) / max(c_a, c_f, 1e-30))
     if auto_in_flight:
         k = min(k, k_need)
@@ -243,35 +264,43 @@ class PoolLoad:
 
     flops: float
     net_bytes: float
-    """Bytes over the inter-node link in the busier direction (NVLink on a single node)."""
+    """Bytes in the busier direction over the binding link (the NIC, or NVLink when the
+    NVLink share takes longer, e.g. with node-local expert replicas)."""
     bandwidth: float
     """That link's bandwidth for this rank (bytes/s, before efficiency)."""
+    link: str
     time: float
     """overlapped(compute, transfers) per micro-batch."""
+
+
+def _binding(costs: ModelCosts, nbytes: float, remote: float, bw: float) -> tuple[float, float, str]:
+    c = costs.cluster
+    local, far = nbytes * (1 - remote), nbytes * remote
+    if local / c.intra_bw >= far / bw:
+        return local, c.intra_bw, "NVLink"
+    return far, bw, "NIC"
 
 
 def pool_loads(costs: ModelCosts, lay: AFLayout, global_batch: int) -> dict[str, PoolLoad]:
     """Per-pool FLOPs, network bytes and bandwidth of one micro-batch (busiest group)."""
     t = local_batch(global_batch, lay.dp) // lay.microbatches * costs.seq_len
     ln = links(costs, lay)
-    single = costs.cluster.nodes == 1
     a_out, a_in = costs.af_bytes_per_token(lay.ep)
     rows, copies = _expert_load(costs, lay, t)
+    f_row = max(costs.combine_row + costs.dispatch_grad_row, costs.dispatch_row + costs.combine_grad_row)
     out: dict[str, PoolLoad] = {}
     for _, grp in unique_groups(group_layers(costs, lay.pipeline_depth)):
         flops = 3 * t * sum(n * (lc.gemm_flops + lc.attn_flops) for lc, n in grp.layers)
         flops += 3 * t * costs.head_flops if grp.head else 0.0
-        net = max(grp.num_moe * t * a_out, grp.moe_in * t * a_in) * (1.0 if single else ln.remote)
+        nbytes = max(grp.num_moe * t * a_out, grp.moe_in * t * a_in)
         fwd, bwd, tnet = _attention_group(costs, grp, lay, t, ln)
-        load = PoolLoad(flops, net, costs.cluster.intra_bw if single else ln.a_bw, costs.overlapped(fwd + bwd, tnet))
+        load = PoolLoad(flops, *_binding(costs, nbytes, ln.remote, ln.a_bw), costs.overlapped(fwd + bwd, tnet))
         if "attention" not in out or load.time > out["attention"].time:
             out["attention"] = load
         if grp.num_moe:
             flops = grp.num_moe * 3 * copies * 2 * costs.expert_params
-            row = max(costs.combine_row + costs.dispatch_grad_row, costs.dispatch_row + costs.combine_grad_row)
-            net = grp.num_moe * rows * row * (1.0 if single else ln.remote)
             fwd, bwd, tnet = _expert_group(costs, grp, lay, t, ln)
-            load = PoolLoad(flops, net, costs.cluster.intra_bw if single else ln.f_bw,
+            load = PoolLoad(flops, *_binding(costs, grp.num_moe * rows * f_row, ln.remote, ln.f_bw),
                             costs.overlapped(fwd + bwd, tnet))
             if "expert" not in out or load.time > out["expert"].time:
                 out["expert"] = load

@@ -31,8 +31,17 @@ once-per-(token, rank) rule.
 from dataclasses import asdict, dataclass
 
 from .cost import ModelCosts
-from .estimate import (Estimate, GroupLayers, divisors, grad_sync_time, group_layers, local_batch, mfu, optimizer_time,
-                       unique_groups)
+from .estimate import (
+    Estimate,
+    GroupLayers,
+    divisors,
+    grad_sync_time,
+    group_layers,
+    local_batch,
+    mfu,
+    optimizer_time,
+    unique_groups,
+)
 from .memory import MemoryPolicy, MemoryReport, attention_act_per_token, available, expert_act, head_transient, worst
 
 BASELINES = ("ep_1f1b_interleaved", "ep_overlap", "dualpipe")

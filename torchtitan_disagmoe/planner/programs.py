@@ -15,12 +15,13 @@
         --cluster this-machine --seq-len 128 --simulate timeline.png
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
-from torchtitan_disagmoe.distributed.pipelining_ir import BACKWARD, FORWARD, RECV_B, RECV_F, SEND_B, SEND_F
+from torchtitan_disagmoe.distributed.pipelining_ir import BACKWARD, FORWARD, RECV_F, SEND_B, SEND_F
 from torchtitan_disagmoe.distributed.schedule import AFPipeShape, build_af_pipe_schedule
 
+from .af_pipe import AFLayout, _expert_load, links
 from .cost import ModelCosts
 from .simulate import DepsFn, Op, is_transfer
 
@@ -95,34 +96,91 @@ def schedule_program_per_rank(dims: DisaggDims, moe_layers: list[bool], microbat
     return out
 
 
-def cost_duration_fn(costs: ModelCosts, dims: DisaggDims, tokens: float,
-                     recompute: bool = False) -> Callable[[Op, int], float]:
-    """Durations of the runtime's ops for ``tokens`` tokens per attention rank and
-    micro-batch; a transfer takes the bytes this rank sends or receives over its link."""
-    ep, dp = dims.ep, dims.dp
-    rows_a = tokens * costs.distinct_ranks(ep)  # rows an attention rank sends per layer
-    rows_f = dp * rows_a / ep  # rows an expert rank receives per layer
-    copies = dp * tokens * costs.top_k * costs.routing.imbalance(ep) / ep
+def cost_duration_fn(costs: ModelCosts, lay: AFLayout, tokens: float,
+                     is_attention: Callable[[int], bool]) -> Callable[[Op, int], float]:
+    """Durations of the runtime's ops for layout ``lay`` with ``tokens`` tokens per
+    attention rank and micro-batch; a transfer takes the bytes this rank sends or receives
+    over its link (the layout's NIC share and intra-node fraction, as in ``af_pipe``).
+    ``is_attention(rank)`` tells the simulated ranks' pool (they may stand for groups)."""
+    rows_a = tokens * costs.distinct_ranks(lay.ep)  # rows an attention rank sends per layer
+    rows_f, copies = _expert_load(costs, lay, tokens)
     row_bytes = {"dispatch": costs.dispatch_row, "combine": costs.combine_row,
                  "dispatch_grad": costs.dispatch_grad_row, "combine_grad": costs.combine_grad_row}
-    single_node = costs.cluster.nodes == 1
+    ln = links(costs, lay)
 
     def duration(op: Op, rank: int) -> float:
         name, layer, _ = op
-        is_attention = rank < dims.attention_ranks
+        attention = is_attention(rank)
         if is_transfer(name):
             if name.startswith("residual"):
-                nbytes = tokens * costs.residual_row
+                nbytes, remote = tokens * costs.residual_row, ln.residual_remote
             else:
-                nbytes = (rows_a if is_attention else rows_f) * row_bytes[name]
-            return costs.link_time(nbytes if single_node else 0.0, 0.0 if single_node else nbytes, messages=1)
+                nbytes, remote = (rows_a if attention else rows_f) * row_bytes[name], ln.remote
+            bw = ln.a_bw if attention else ln.f_bw
+            return costs.link_time(nbytes * (1 - remote), nbytes * remote, 0, inter_bw=bw)
         if name.startswith("attention"):
-            if layer == dims.num_layers:
-                fwd, bwd = costs.head_stage(tokens, recompute)
+            if layer == costs.args.n_layers:
+                fwd, bwd = costs.head_stage(tokens, lay.recompute)
             else:
-                fwd, bwd = costs.attention_stage(costs.layers[layer], tokens, recompute)
+                fwd, bwd = costs.attention_stage(costs.layers[layer], tokens, lay.recompute)
         else:
-            fwd, bwd = costs.expert_stage(copies, costs.num_experts // ep, recompute)
+            fwd, bwd = costs.expert_stage(copies, costs.num_experts // lay.ep, lay.recompute)
         return fwd if name.endswith("forward") else bwd
 
     return duration
+
+
+def af_sender_fn(is_attention: Callable[[int], bool], group_of: Callable[[int], int],
+                 pipeline_depth: int) -> Callable[[Op, int], bool]:
+    """Which participant of a transfer sends: dispatch and combine-grad leave the attention
+    side, combine and dispatch-grad the expert side, the residual (grad) goes from the
+    group of layer l (l + 1)."""
+    def is_sender(op: Op, rank: int) -> bool:
+        name, layer, _ = op
+        if name in ("dispatch", "combine_grad"):
+            return is_attention(rank)
+        if name in ("combine", "dispatch_grad"):
+            return not is_attention(rank)
+        owner = layer % pipeline_depth if name == "residual" else (layer + 1) % pipeline_depth
+        return group_of(rank) == owner
+
+    return is_sender
+
+
+def hoist_receives(programs: dict[int, list[Op]], is_sender: Callable[[Op, int], bool],
+                   actions: int = 1) -> dict[int, list[Op]]:
+    """What-if: post every receive ``actions`` compute ops earlier than the schedule does.
+
+    The lowered schedule posts a receive right before the compute that consumes it, so a
+    transfer into a rank cannot overlap that rank's previous compute when the transport
+    needs the receive posted (NCCL's rendezvous); posting it one compute action earlier
+    lets it. Raises nothing itself; the simulator reports a deadlock if one appears."""
+    out = {}
+    for rank, ops in programs.items():
+        moved: list[Op] = []
+        for op in ops:
+            if is_transfer(op[0]) and not is_sender(op, rank):
+                j, seen = len(moved), 0
+                while j > 0 and seen < actions:
+                    j -= 1
+                    seen += not is_transfer(moved[j][0])
+                moved.insert(j, op)
+            else:
+                moved.append(op)
+        out[rank] = moved
+    return out
+
+
+def af_latency_fn(costs: ModelCosts, lay: AFLayout) -> Callable[[Op], float]:
+    """Latency of each transfer: dispatch and combine send row counts first (2 messages),
+    gradients and the residual have known sizes (1 message)."""
+    c = costs.cluster
+    remote = links(costs, lay).remote
+    latency = c.intra_latency if c.nodes == 1 or remote == 0 else c.inter_latency
+    return lambda op: latency * (2 if op[0] in ("dispatch", "combine") else 1)
+
+
+def layout_of(dims: DisaggDims, microbatches: int, max_inflight: int = 0) -> AFLayout:
+    """The planner's layout for a runtime layout (own NIC, no expert replication)."""
+    return AFLayout(dims.attention_ranks, dims.expert_ranks, dims.pipeline_depth, microbatches,
+                    max_inflight or microbatches)

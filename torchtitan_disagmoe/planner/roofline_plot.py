@@ -37,12 +37,15 @@ def draw_roofline(plan: Plan, path: str) -> None:
     c, eff = costs.cluster, costs.eff
     roof = c.peak_flops * eff.gemm
     loads = pool_loads(costs, _layout(rec), plan.global_batch)
-    xs = np.logspace(0, 6, 200)
+    points = [load.flops / max(load.net_bytes, 1.0) for load in loads.values()]
+    ridge = roof / (min(load.bandwidth for load in loads.values()) * eff.network)
+    xs = np.logspace(np.log10(min(points + [ridge]) / 100), np.log10(max(points + [ridge]) * 30), 200)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for pool, load in loads.items():
         colour = _POOL_COLOURS[pool]
         bw = load.bandwidth * eff.network
-        ax.plot(xs, np.minimum(roof, xs * bw), color=colour, label=f"{pool} pool roof ({bw / 1e9:.0f} GB/s)")
+        ax.plot(xs, np.minimum(roof, xs * bw), color=colour,
+                label=f"{pool} pool roof ({load.link} {bw / 1e9:.0f} GB/s)")
         x = load.flops / max(load.net_bytes, 1.0)
         ax.scatter([x], [load.flops / load.time], s=90, color=colour, edgecolor="black", zorder=5,
                    label=f"{pool} pool (chosen)")
@@ -53,7 +56,8 @@ def draw_roofline(plan: Plan, path: str) -> None:
             ax.scatter([load.flops / max(load.net_bytes, 1.0)], [load.flops / load.time], s=12,
                        color=_POOL_COLOURS[pool], alpha=0.3, zorder=3)
     nic = c.inter_bw * eff.network
-    ax.plot(xs, np.minimum(roof, xs * nic), color="grey", linestyle="--", label=f"per-GPU NIC roof ({nic / 1e9:.0f} GB/s)")
+    ax.plot(xs, np.minimum(roof, xs * nic), color="grey", linestyle="--",
+            label=f"per-GPU NIC roof ({nic / 1e9:.0f} GB/s)")
     for name, est in plan.baselines.items():
         if est is None:
             continue
@@ -68,8 +72,9 @@ def draw_roofline(plan: Plan, path: str) -> None:
     ax.set_xlabel("communication intensity (FLOP per network byte)")
     ax.set_ylabel("FLOP/s per GPU")
     lay = rec.layout
-    ax.set_title(f"{plan.model} S={plan.seq_len} on {c.nodes}x{c.gpus_per_node} {c.name}: "
-                 f"A={lay['attention_gpus']} F={lay['expert_gpus']} p={lay['pipeline_depth']}", fontsize=10)
+    nic = "own NIC" if lay["placement"] == "own-nic" else f"NIC share {lay['nic_share']:.2f}"
+    ax.set_title(f"{plan.model} S={plan.seq_len} on {c.nodes}x{c.gpus_per_node} {c.name}: A={lay['attention_gpus']} "
+                 f"F={lay['expert_gpus']} p={lay['pipeline_depth']} edp={lay['expert_replicas']} {nic}", fontsize=9)
     ax.set_ylim(roof / 1e3, roof * 3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

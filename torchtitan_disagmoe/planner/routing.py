@@ -12,9 +12,9 @@ With measured routing (a trace of expert ids) the count is taken from the data i
 
 import itertools
 import json
+from collections.abc import Sequence
 from math import comb
 from pathlib import Path
-from typing import Sequence
 
 
 def expected_distinct_ranks(num_experts: int, top_k: int, ranks: int) -> float:

@@ -8,14 +8,19 @@ each rank, and the dependencies between ops.
 
 Semantics:
 - Each rank has a compute lane and a link. Compute ops run one at a time, in list order,
-  each once its dependencies have finished.
+  each once its dependencies have finished. Links are full duplex when ``is_sender``
+  says which participants of a transfer send (a sender's outgoing and a receiver's
+  incoming direction are busy; a rank may send and receive at once), else half duplex
+  (one transfer at a time per rank).
 - A transfer op (``is_transfer``) in a rank's list is *posted* when the rank reaches it
   (the previous compute op of the list has finished): with ``blocking=False`` the rank
   goes straight on (asynchronous send/recv), with ``blocking=True`` it waits for the
   transfer to finish. A transfer starts once every rank whose list holds it (senders and
   receivers) has posted it, its dependencies have finished and all those ranks' links
-  are free; it occupies all their links for the longest of their durations.
-- An op is finished when it has finished on every rank that runs it.
+  (in the direction they use) are free; it occupies them for the longest of their
+  durations.
+- An op is finished when it has finished on every rank that runs it; a transfer's data
+  arrives ``latency_fn(op)`` after its links are free.
 
 Output: makespan and per-rank busy intervals; ``draw_timeline`` renders them as a PNG.
 A deadlock (ops that can never start) raises ValueError naming each rank's next op.
@@ -26,8 +31,8 @@ A deadlock (ops that can never start) raises ValueError naming each rank's next 
 
 import heapq
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 Op = tuple[str, int, int]
 """(op name, layer, micro-batch)."""
@@ -47,7 +52,7 @@ class Interval:
     start: float
     end: float
     lane: str
-    """'compute' or 'link'."""
+    """'compute', 'send', 'recv' (full-duplex links) or 'link' (half duplex)."""
 
 
 @dataclass
@@ -57,6 +62,7 @@ class SimResult:
     finish: dict[Op, float] = field(default_factory=dict)
 
     def busy_time(self, rank: int, lane: str = "compute") -> float:
+        """Busy seconds of one lane (overlapping intervals of a lane cannot occur)."""
         return sum(i.end - i.start for i in self.intervals.get(rank, []) if i.lane == lane)
 
     def busy_fraction(self, rank: int, lane: str = "compute") -> float:
@@ -84,15 +90,28 @@ def _participants(programs: Mapping[int, list[Op]]) -> dict[Op, list[int]]:
 
 
 def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op, int], float],
-             deps: DepsFn | Mapping[Op, Iterable[Op]] | None = None, blocking: bool = False) -> SimResult:
-    """Replay the lists (module docstring); returns makespan and busy intervals."""
-    return _Simulation(program_per_rank, duration_fn, _deps_fn(deps), blocking).run()
+             deps: DepsFn | Mapping[Op, Iterable[Op]] | None = None, blocking: bool = False,
+             is_sender: Callable[[Op, int], bool] | None = None,
+             latency_fn: Callable[[Op], float] | None = None) -> SimResult:
+    """Replay the lists (module docstring); returns makespan and busy intervals.
+
+    Args:
+        program_per_rank: rank -> ordered ops ``(name, layer, microbatch)``.
+        duration_fn: ``(op, rank) -> seconds``; a transfer lasts the longest over its ranks.
+        deps: ``op -> ops`` it waits for (callable or mapping); None: no dependencies.
+        blocking: a posted transfer blocks its rank until it finishes.
+        is_sender: ``(transfer op, rank) -> bool``; None: half-duplex links.
+        latency_fn: ``transfer op -> seconds`` its data arrives after the link is free
+            again (latency delays the consumer, it does not occupy the link); None: 0.
+    """
+    return _Simulation(program_per_rank, duration_fn, _deps_fn(deps), blocking, is_sender, latency_fn).run()
 
 
 class _Simulation:
-    def __init__(self, programs, duration_fn, deps_of: DepsFn, blocking: bool):
+    def __init__(self, programs, duration_fn, deps_of: DepsFn, blocking: bool, is_sender, latency_fn):
         self.programs = {r: [tuple(op) for op in ops] for r, ops in programs.items()}
-        self.duration_fn, self.deps_of, self.blocking = duration_fn, deps_of, blocking
+        self.duration_fn, self.deps_of, self.blocking, self.is_sender = duration_fn, deps_of, blocking, is_sender
+        self.latency_fn = latency_fn or (lambda op: 0.0)
         self.members = _participants(self.programs)
         self.deps = {op: [tuple(d) for d in deps_of(op)] for op in self.members}
         for op, ds in self.deps.items():
@@ -101,7 +120,7 @@ class _Simulation:
                     raise ValueError(f"op {op} depends on {d}, which no rank runs")
         self.pos = {r: 0 for r in self.programs}
         self.busy_until = {r: 0.0 for r in self.programs}  # compute lane
-        self.link_until = {r: 0.0 for r in self.programs}
+        self.link_until: dict[tuple[int, str], float] = defaultdict(float)
         self.blocked_on: dict[int, Op] = {}
         self.posted: dict[Op, int] = defaultdict(int)
         self.ready_transfers: list[Op] = []  # posted by everyone, not started (FIFO)
@@ -120,7 +139,8 @@ class _Simulation:
             now = self.events[0][0]
             while self.events and self.events[0][0] == now:
                 _, _, op, ranks = heapq.heappop(self.events)
-                self._finished(op, ranks, now)
+                if op is not None:
+                    self._finished(op, ranks, now)
         stuck = {r: ops[self.pos[r]] for r, ops in self.programs.items() if self.pos[r] < len(ops)}
         unstarted = [op for op in self.members if op not in self.result.finish]
         if stuck or unstarted:
@@ -148,22 +168,32 @@ class _Simulation:
                 elif self._deps_done(op):
                     end = now + self._duration(op, [rank])
                     self.busy_until[rank] = end
-                    self._record(op, [rank], now, end, "compute")
+                    self.result.intervals[rank].append(Interval(rank, op, now, end, "compute"))
+                    self._push(op, [rank], end)
                 else:
                     break
                 self.pos[rank] += 1
                 changed = True
         return changed
 
+    def _lane(self, op: Op, rank: int) -> str:
+        if self.is_sender is None:
+            return "link"
+        return "send" if self.is_sender(op, rank) else "recv"
+
     def _start_transfers(self, now: float) -> bool:
         started = []
         for op in self.ready_transfers:
-            ranks = self.members[op]
-            if self._deps_done(op) and all(self.link_until[r] <= now for r in ranks):
-                end = now + self._duration(op, ranks)
-                for r in ranks:
-                    self.link_until[r] = end
-                self._record(op, ranks, now, end, "link")
+            lanes = [(r, self._lane(op, r)) for r in self.members[op]]
+            if self._deps_done(op) and all(self.link_until[lane] <= now for lane in lanes):
+                end = now + self._duration(op, self.members[op])
+                for lane in lanes:
+                    self.link_until[lane] = end
+                    self.result.intervals[lane[0]].append(Interval(lane[0], op, now, end, lane[1]))
+                arrival = end + max(0.0, float(self.latency_fn(op)))
+                if arrival > end:
+                    self._push(None, (), end)  # wake up when the links are free again
+                self._push(op, self.members[op], arrival)
                 started.append(op)
         self.ready_transfers = [op for op in self.ready_transfers if op not in started]
         return bool(started)
@@ -174,9 +204,7 @@ class _Simulation:
             raise ValueError(f"negative duration {duration} for {op}")
         return duration
 
-    def _record(self, op: Op, ranks: list[int], start: float, end: float, lane: str) -> None:
-        for r in ranks:
-            self.result.intervals[r].append(Interval(r, op, start, end, lane))
+    def _push(self, op: Op | None, ranks, end: float) -> None:
         heapq.heappush(self.events, (end, self.seq, op, tuple(ranks)))
         self.seq += 1
 
@@ -205,8 +233,9 @@ _COLOURS = {
 
 def draw_timeline(result: SimResult, path: str, rank_labels: Mapping[int, str] | None = None,
                   title: str = "") -> None:
-    """One row per rank (compute as tall bars, link as a thin bar underneath), coloured
-    by op kind, micro-batch index written in bars that are wide enough."""
+    """One row per rank (compute as tall bars, the link as thin bars underneath: sending
+    above receiving when links are full duplex), coloured by op kind, micro-batch index
+    written in bars that are wide enough."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,19 +245,23 @@ def draw_timeline(result: SimResult, path: str, rank_labels: Mapping[int, str] |
     ranks = sorted(result.intervals)
     fig, ax = plt.subplots(figsize=(12, 0.6 * len(ranks) + 1.5))
     span = result.makespan or 1.0
-    kinds_seen = {}
+    geometry = {"compute": (0.6, -0.05), "link": (0.2, -0.3), "send": (0.12, -0.2), "recv": (0.12, -0.35)}
+    bars: dict[tuple[int, str, str], list[tuple[float, float]]] = defaultdict(list)
     for row, rank in enumerate(ranks):
         y = len(ranks) - 1 - row
         for iv in result.intervals[rank]:
-            kind = _kind(iv.op[0])
-            colour = _COLOURS.get(kind, "#999999")
-            kinds_seen[kind] = colour
-            height, base = (0.6, y - 0.05) if iv.lane == "compute" else (0.2, y - 0.3)
-            ax.broken_barh([(iv.start, iv.end - iv.start)], (base, height), facecolors=colour,
-                           edgecolor="black", linewidth=0.2)
+            bars[(y, iv.lane, _kind(iv.op[0]))].append((iv.start, iv.end - iv.start))
+            height, offset = geometry[iv.lane]
             if iv.lane == "compute" and (iv.end - iv.start) > 0.02 * span:
-                ax.text((iv.start + iv.end) / 2, base + height / 2, f"m{iv.op[2]}", ha="center", va="center",
-                        fontsize=6)
+                ax.text((iv.start + iv.end) / 2, y + offset + height / 2, f"m{iv.op[2]}", ha="center",
+                        va="center", fontsize=6)
+    kinds_seen = {}
+    dense = max((len(v) for v in bars.values()), default=0) > 200  # edges would blacken the bars
+    for (y, lane, kind), xranges in bars.items():  # one collection per row, lane and kind: fast
+        height, offset = geometry[lane]
+        kinds_seen[kind] = colour = _COLOURS.get(kind, "#999999")
+        ax.broken_barh(xranges, (y + offset, height), facecolors=colour, edgecolor="black",
+                       linewidth=0.0 if dense else 0.2)
     ax.set_yticks(range(len(ranks)))
     labels = rank_labels or {}
     ax.set_yticklabels([labels.get(r, f"rank {r}") for r in reversed(ranks)])

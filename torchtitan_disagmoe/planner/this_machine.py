@@ -12,8 +12,9 @@ the number of cores, one thread per rank. Measured (about 10 s in total):
   "intra-node" and the "inter-node" link (override ``--inter-bw-gbs`` to model a ``tc``
   rate limit between emulated nodes, DESIGN.md section 6).
 
-The result is cached in ``~/.cache/torchtitan_disagmoe/this_machine.json``; delete it (or
-pass ``refresh=True``) to measure again.
+The result is cached in ``~/.cache/torchtitan_disagmoe/this_machine.json`` (the directory
+can be moved with ``TORCHTITAN_DISAGMOE_CACHE_DIR``); delete it, or run this module, to
+measure again.
 
     python -m torchtitan_disagmoe.planner.this_machine      # measure and print
 """
@@ -28,8 +29,12 @@ import torch
 
 from .clusters import Cluster
 
-CACHE_DIR = Path(os.environ.get("TORCHTITAN_DISAGMOE_CACHE_DIR", Path.home() / ".cache" / "torchtitan_disagmoe"))
-CACHE_FILE = CACHE_DIR / "this_machine.json"
+
+def cache_file() -> Path:
+    """``$TORCHTITAN_DISAGMOE_CACHE_DIR/this_machine.json`` (default ~/.cache/torchtitan_disagmoe)."""
+    root = os.environ.get("TORCHTITAN_DISAGMOE_CACHE_DIR", str(Path.home() / ".cache" / "torchtitan_disagmoe"))
+    return Path(root) / "this_machine.json"
+
 MEASURE_KEYS = ("cores", "gemm_flops_per_core", "attention_flops_per_core", "mem_bw", "mem_bytes",
                 "p2p_bw", "p2p_latency")
 
@@ -125,15 +130,16 @@ def measure() -> dict:
             "mem_bw": mem_bw, "mem_bytes": float(pages), "p2p_bw": p2p_bw, "p2p_latency": p2p_latency}
 
 
-def load_measurements(cache_file: Path = CACHE_FILE, refresh: bool = False, measure_fn=measure) -> dict:
+def load_measurements(path: Path | None = None, refresh: bool = False, measure_fn=measure) -> dict:
     """Cached micro-benchmark results; measured (and cached) when absent or ``refresh``."""
-    if cache_file.exists() and not refresh:
-        data = json.loads(cache_file.read_text())
+    path = path or cache_file()
+    if path.exists() and not refresh:
+        data = json.loads(path.read_text())
         if all(k in data for k in MEASURE_KEYS):
             return data
     data = measure_fn()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(data, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
     return data
 
 
@@ -154,8 +160,8 @@ def attention_efficiency(data: dict) -> float:
     return min(1.0, data["attention_flops_per_core"] / data["gemm_flops_per_core"])
 
 
-def this_machine_cluster(cache_file: Path | None = None) -> Cluster:
-    return cluster_from_measurements(load_measurements(cache_file or CACHE_FILE))
+def this_machine_cluster(path: Path | None = None) -> Cluster:
+    return cluster_from_measurements(load_measurements(path))
 
 
 if __name__ == "__main__":
