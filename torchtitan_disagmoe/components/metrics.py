@@ -99,10 +99,13 @@ class MetricsLogger:
             values["mfu"] = values["tokens_per_second"] * values.pop("flops_per_token") / values.pop("peak_flops")
         if self.rank != 0:
             return values
-        logger.info(
-            f"step {step:5d}  loss {values['loss']:8.4f}  grad_norm {values['grad_norm']:7.3f}  "
-            f"lr {values['lr']:.2e}  memory {values['memory_gib']:5.2f}GiB  "
-            f"tps {values['tokens_per_second']:8.0f}  mfu {100 * values.get('mfu', 0.0):5.2f}%")
+        line = (f"step {step:5d}  loss {values['loss']:8.4f}  grad_norm {values['grad_norm']:7.3f}  "
+                f"lr {values['lr']:.2e}  memory {values['memory_gib']:5.2f}GiB  "
+                f"tps {values['tokens_per_second']:8.0f}  mfu {100 * values.get('mfu', 0.0):5.2f}%")
+        if "busy_fraction_attention" in values:
+            line += (f"  busy A {values['busy_fraction_attention']:.2f} F {values['busy_fraction_expert']:.2f}"
+                     f"  exposed comm {values['exposed_comm_fraction']:.2f}")
+        logger.info(line)
         self.jsonl.write(json.dumps(values) + "\n")
         if self.tb is not None:
             for key, value in values.items():
