@@ -14,6 +14,13 @@ Layouts: ``single`` (1 process), ``fsdp2`` (FSDP2 over all ranks, experts replic
 attention, half experts, p = 1, ``--microbatches`` micro-batches) and ``af_pipe_mbK``
 (the same with K micro-batches). ``speedup`` is af_pipe tokens/s over ep tokens/s when
 both ran.
+
+``--cluster-in-a-box`` runs every layout inside one emulated cluster of ``--nodes`` nodes
+(network namespaces, a rate-limited link per node calibrated to this CPU's FLOP/s and the
+target's inter-node bandwidth, ``--network-scale`` times faster), ``--world-size / --nodes``
+ranks per node, node i holding ranks i*N ..; see docs/cluster_in_a_box.md:
+
+    python scripts/bench_compare.py --cluster-in-a-box --nodes 2 --world-size 4 --layouts ep,af_pipe
 """
 
 import argparse
@@ -45,16 +52,30 @@ def layout_settings(name: str, world: int, args) -> tuple[int, int, dict]:
     raise ValueError(name)
 
 
-def run_layout(name: str, world: int, args, overrides: list[str], folder: Path) -> dict:
+def run_layout(name: str, world: int, args, overrides: list[str], folder: Path, cluster=None) -> dict:
     ranks, dp, settings = layout_settings(name, world, args)
     settings = {**settings, "training.local_batch_size": args.global_batch // dp,
                 "training.steps": args.steps, "metrics.log_freq": 1, "checkpoint.enable": "false",
                 "metrics.enable_tensorboard": "false", "job.dump_folder": str(folder)}
-    cmd = ["./run_train.sh"] + [f"--{k}={v}" for k, v in settings.items()] + overrides
-    env = dict(os.environ, NGPU=str(ranks), CONFIG_FILE=args.config)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"layout {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    if cluster is not None:  # --cluster-in-a-box: one torchrun per emulated node
+        from torchtitan_disagmoe.tools import cluster_in_a_box as cib
+
+        threads = cib.threads_per_rank(ranks)
+        train_args = cib.train_module_args(args.config, [f"--{k}={v}" for k, v in settings.items()] + overrides,
+                                           threads)
+        commands, envs = cluster.torchrun_commands(ranks, world // args.nodes, train_args, threads)
+        sent = cluster.link_bytes()
+        nodes = cluster.run(commands, envs, cwd=REPO)
+        sent = None if sent is None else cluster.link_bytes() - sent
+        if any(r.returncode != 0 for r in nodes):
+            sys.exit(f"layout {name} failed:\n" + "\n".join(f"[node {r.node}, exit {r.returncode}]\n{r.output[-2000:]}"
+                                                            for r in nodes))
+    else:
+        cmd = ["./run_train.sh"] + [f"--{k}={v}" for k, v in settings.items()] + overrides
+        env = dict(os.environ, NGPU=str(ranks), CONFIG_FILE=args.config)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"layout {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] > args.warmup]
     seconds = sum(r["elapsed_s"] for r in timed)
@@ -68,6 +89,8 @@ def run_layout(name: str, world: int, args, overrides: list[str], folder: Path) 
     for key in REPORTED:
         if key in timed[0]:
             result[key] = sum(r[key] for r in timed) / len(timed)
+    if cluster is not None and sent is not None:
+        result["internode_bytes_per_step"] = sent / args.steps  # whole run (start-up included) / steps
     return result
 
 
@@ -81,6 +104,13 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--config", default="train_configs/debug_model.toml")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--cluster-in-a-box", action="store_true",
+                        help="run every layout on an emulated multi-node cluster with a slow network (root)")
+    parser.add_argument("--nodes", type=int, default=2, help="emulated nodes (--cluster-in-a-box)")
+    parser.add_argument("--network-scale", type=float, default=1.0,
+                        help="link rate x this (--cluster-in-a-box): 4 = 4x faster network, 0.25 = 4x slower")
+    parser.add_argument("--target", default="h800", help="cluster whose FLOP/s : network ratio is emulated")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="netem delay per link direction")
     args, overrides = parser.parse_known_args()
     names = args.layouts.split(",")
     for name in names:
@@ -90,15 +120,39 @@ def main() -> None:
             parser.error(f"--layouts: unknown layout {name!r}; allowed: {list(COLOCATED)} + af_pipe, af_pipe_mbK")
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [run_layout(n, args.world_size, args, overrides, Path(tmp) / n) for n in names]
+    cluster_info = None
+    if args.cluster_in_a_box:
+        if args.nodes < 1 or args.world_size % args.nodes:
+            parser.error(f"--world-size {args.world_size} must be a multiple of --nodes {args.nodes}")
+        sys.path.insert(0, str(REPO))
+        from torchtitan_disagmoe.tools import cluster_in_a_box as cib
+
+        try:
+            cal = cib.calibrate(args.nodes, args.world_size // args.nodes, args.network_scale, args.target,
+                                args.delay_ms)
+        except ValueError as exc:
+            parser.error(str(exc))
+        log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else print
+        log(cal.describe())
+        cluster = cib.open_cluster(args.nodes, cal.rate_bit_per_node, args.delay_ms, log=log)
+        with tempfile.TemporaryDirectory() as tmp, cluster:
+            cluster_info = {**cal.as_dict(), "emulated": cluster.emulate}
+            log(f"every layout runs on {args.nodes} {'emulated' if cluster.emulate else 'loopback (NOT emulated)'} "
+                f"nodes x {args.world_size // args.nodes} ranks, node i = ranks i*N ..")
+            results = [run_layout(n, args.world_size, args, overrides, Path(tmp) / n, cluster) for n in names]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = [run_layout(n, args.world_size, args, overrides, Path(tmp) / n) for n in names]
     base = results[0]["tokens_per_second"]
     ratios = {r["layout"]: r["tokens_per_second"] / base for r in results}
     by_name = {r["layout"]: r for r in results}
     speedup = (by_name["af_pipe"]["tokens_per_second"] / by_name["ep"]["tokens_per_second"]
                if {"af_pipe", "ep"} <= by_name.keys() else None)
     if args.json:
-        print(json.dumps({"results": results, "ratio_vs_" + names[0]: ratios, "speedup": speedup}, indent=2))
+        out = {"results": results, "ratio_vs_" + names[0]: ratios, "speedup": speedup}
+        if cluster_info is not None:
+            out["cluster_in_a_box"] = cluster_info
+        print(json.dumps(out, indent=2))
         return
     print(f"{'layout':12} {'ranks':>5} {'tokens/s':>9} {'step s':>7} {'MFU':>7} {'mem GiB':>7} {'loss':>7} "
           f"{'busy A':>6} {'busy F':>6} {'exposed':>7} {'MB moved':>8} {'x ' + names[0]:>9}")
@@ -110,6 +164,9 @@ def main() -> None:
               f"{busy[2]:>7} {moved:8.2f} {ratios[r['layout']]:9.2f}")
     if speedup is not None:
         print(f"speedup (af_pipe tokens/s over ep tokens/s): {speedup:.2f}")
+    if any("internode_bytes_per_step" in r for r in results):
+        print("inter-node MB per step, counted on the emulated links (run total / steps): " + ", ".join(
+            f"{r['layout']} {r['internode_bytes_per_step'] / 1e6:.2f}" for r in results))
 
 
 if __name__ == "__main__":
