@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from torchtitan_disagmoe.tools import cluster_in_a_box as cib
+from torchtitan_disagmoe.tools import netns
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -153,7 +154,7 @@ def test_sigterm_tears_down_and_cleanup_removes_leftovers(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "stopped by signal SIGTERM; torn down" in out
     assert _ours(prefix) == []
-    assert not any(cib._pid_alive(p) and not cib._is_zombie(p) for p in sleepers)
+    assert not any(netns._pid_alive(p) and not cib._is_zombie(p) for p in sleepers)
 
     # A run killed with SIGKILL leaves its namespaces; --cleanup removes them once its
     # creator is gone (and never those of a live run).
