@@ -51,3 +51,18 @@ def test_resume_matches_uninterrupted(tmp_path, world_size, af_pipe):
     # metrics.jsonl keeps the lines of both runs (appended, never truncated).
     lines = (resumed_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 4, 5, 6]
+
+
+def test_checkpoint_moves_from_af_pipe_to_a_single_process(tmp_path):
+    """Same FQNs in every layout: a DCP checkpoint written by the disaggregated run (experts as
+    DTensor shards on the expert ranks, attention split over two groups) resumes in one process,
+    optimizer, LR schedule, routing bias and data position included, and continues the run."""
+    import shutil
+
+    cache = str(tmp_path / "cache")
+    straight = _run(_config(tmp_path / "af", 4, af_pipe=True), 4, cache)["logged"]
+    shutil.copytree(tmp_path / "af" / "checkpoint" / "step-3", tmp_path / "single" / "checkpoint" / "step-3")
+    resumed = _run(_config(tmp_path / "single", 1), 1, cache)["logged"]
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    for got, want in zip(resumed, straight[3:]):
+        assert abs(got["loss"] - want["loss"]) < 1e-5 * want["loss"]
