@@ -9,6 +9,7 @@ A training step: forward and backward (``layouts.py``), gradient reduction, glob
 clipping, aux-loss-free bias update, optimizer step, metrics.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -164,17 +165,16 @@ class Trainer:
         trace) is written under ``<dump_folder>/timeline``."""
         folder = Path(self.config.job.dump_folder) / "timeline"
         folder.mkdir(parents=True, exist_ok=True)
-        profiler = None
+        profiler = contextlib.nullcontext()
         if self.config.metrics.enable_profiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             profiler = torch.profiler.profile(activities=activities)
-            profiler.__enter__()
-        values = self.train_step()
-        if profiler is not None:
-            profiler.__exit__(None, None, None)
-            profiler.export_chrome_trace(str(folder / f"profile_rank{self.rank}.json"))
+        with profiler as prof:
+            values = self.train_step()
+        if prof is not None:
+            prof.export_chrome_trace(str(folder / f"profile_rank{self.rank}.json"))
         self.layout.save_timeline(folder, self.step)
         logger.info(f"timeline of step {self.step} written to {folder}")
         return values

@@ -38,6 +38,18 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
+def _coerce_number(key: str, value: Any, cast: type, what: str, accept: tuple[type, ...]) -> Any:
+    """``value`` (TOML number or CLI string) as ``cast``; booleans are never numbers."""
+    if isinstance(value, accept) and not isinstance(value, bool):
+        return cast(value)
+    if isinstance(value, str):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} expects {what}, got {value!r}")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert a TOML value or CLI string to the field type ``tp``; ConfigError if not possible."""
     origin = typing.get_origin(tp)
@@ -69,25 +81,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return False
         raise ConfigError(f"{key} expects true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
+        return _coerce_number(key, value, int, "an integer", accept=(int,))
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects a number, got {value!r}")
+        return _coerce_number(key, value, float, "a number", accept=(int, float))
     if tp is str:
         if isinstance(value, str):
             return value
