@@ -15,6 +15,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.config.job_config import Checkpoint as TTCheckpoint
 
+from torchtitan_disagmoe.components.hf_import import load_initial_weights, prepare_initial_load
+
 logger = logging.getLogger("torchtitan_disagmoe")
 
 
@@ -51,17 +53,26 @@ class _NoCheckpoint:
 
 
 def build_checkpointer(config, trainer):
-    """Create the manager and resume from the newest checkpoint in the folder, if any."""
-    if not config.checkpoint.enable:
-        return _NoCheckpoint()
+    """Create the manager and resume from the newest checkpoint in the folder, if any;
+    with none there, load ``checkpoint.initial_load_path`` (HF or DCP) if set. With
+    checkpointing disabled an initial load still happens, model only (hf_import.py)."""
     c = config.checkpoint
+    sd_adapter = prepare_initial_load(config, trainer.model, trainer.model_args)
+    if not c.enable:
+        if c.initial_load_path:
+            load_initial_weights(trainer.model, c.initial_load_path, sd_adapter)
+            logger.info(f"loaded the model weights from {c.initial_load_path}")
+        return _NoCheckpoint()
     tt_config = TTCheckpoint(enable=True, folder=c.folder, interval=c.interval,
                              keep_latest_k=c.keep_latest_k, last_save_model_only=False,
-                             async_mode="disabled")
+                             async_mode="disabled", initial_load_path=c.initial_load_path or None,
+                             initial_load_in_hf=c.initial_load_in_hf,
+                             initial_load_model_only=c.initial_load_model_only)
     manager = CheckpointManager(
         dataloader=trainer.dataloader if trainer.dataloader is not None else _NoData(), model_parts=[trainer.model], optimizers=trainer.optimizers,
         lr_schedulers=trainer.lr_schedulers, states={"train_state": TrainState(trainer)},
-        checkpoint_config=tt_config, sd_adapter=None, base_folder=config.job.dump_folder)
+        checkpoint_config=tt_config, sd_adapter=sd_adapter, base_folder=config.job.dump_folder)
     if manager.load(step=-1):
-        logger.info(f"resumed from checkpoint at step {trainer.step}")
+        logger.info(f"resumed from checkpoint at step {trainer.step}" if trainer.step else
+                    f"loaded the initial weights from {c.initial_load_path}")
     return manager

@@ -214,10 +214,34 @@ class Checkpoint:
     """Save every this many steps (and at the last step)."""
     keep_latest_k: int = 0
     """Keep only the newest k checkpoints (0 keeps all)."""
+    initial_load_path: str = ""
+    """Start from the weights in this folder (a DCP checkpoint, or an HF model folder with
+    ``initial_load_in_hf``) when there is no checkpoint in ``folder`` to resume from; works
+    with ``enable = false`` too (model only). Empty: start from the seeded initialisation."""
+    initial_load_in_hf: bool = False
+    """``initial_load_path`` holds Hugging Face safetensors (``*.safetensors``), read through
+    torchtitan's state-dict adapter of the model family."""
+    initial_load_model_only: bool = True
+    """Load only the model from ``initial_load_path``; false also restores optimizer, LR
+    schedule, data position and step (DCP checkpoints with ``enable = true`` only)."""
 
     def __post_init__(self):
+        import os
+
         _check_positive("checkpoint.interval", self.interval)
         _check_positive("checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
+        if self.initial_load_in_hf and not self.initial_load_path:
+            raise ValueError("checkpoint.initial_load_in_hf = true needs checkpoint.initial_load_path = the HF "
+                             "model folder (with *.safetensors)")
+        if self.initial_load_path and not os.path.isdir(self.initial_load_path):
+            raise ValueError(f"checkpoint.initial_load_path = {self.initial_load_path!r} is not a folder; give "
+                             "the folder of a DCP checkpoint (step-N) or of an HF model (*.safetensors)")
+        if self.initial_load_in_hf and not self.initial_load_model_only:
+            raise ValueError("checkpoint.initial_load_in_hf = true loads weights only; set "
+                             "checkpoint.initial_load_model_only = true")
+        if self.initial_load_path and not self.initial_load_model_only and not self.enable:
+            raise ValueError("checkpoint.initial_load_model_only = false restores training state, which needs "
+                             "checkpoint.enable = true; enable checkpointing or load the model only")
 
 
 @dataclass(kw_only=True, slots=True)
