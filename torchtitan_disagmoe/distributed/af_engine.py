@@ -24,12 +24,14 @@ docs/disaggregation.md for the bytes either way).
 """
 
 import time
+from datetime import timedelta
 
 import torch
 from torch import nn
 
 from .af_stages import StageRecord, attention_layer_forward, head_forward, leaf, run_local_experts
 from .disagg_dims import DisaggDims
+from .failure import Activity, TransferError
 from .dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL, RESIDUAL_GRAD, CommStats,
                        Pending, RowRecv, make_tag, post_recvs_known, post_sends)
 from .pipelining_ir import BACKWARD, FORWARD, RECV_B, RECV_F, SEND_B, SEND_F
@@ -73,6 +75,15 @@ class AFPipeRuntime:
         self.actions = build_af_pipe_schedule(self.shape)[pp_rank]
         self.stats = CommStats()
         self.times = StepTimes()
+        # Set by the trainer: every wait raises after ``timeout`` (a dead or stuck peer),
+        # and ``activity`` says what this rank is doing, for failure reports.
+        self.timeout: timedelta | None = None
+        self.activity = Activity()
+
+    def stage_name(self, stage: int) -> str:
+        if stage == 2 * self.num_layers:
+            return "head"
+        return f"{'FA'[stage % 2 == 0]}({stage // 2})"
 
     # ---- topology ----------------------------------------------------------------------
     def _attn_rank(self, layer: int, dp_index: int) -> int:
@@ -102,11 +113,13 @@ class AFPipeRuntime:
             # Post payload receives whose counts arrived meanwhile, so data keeps moving.
             self.unposted = [r for r in self.unposted if not r.poll()]
             start = time.perf_counter()
+            self.activity.set(f"{action.computation_type.name} of {self.stage_name(action.stage_index)}, "
+                              f"micro-batch {action.microbatch_index}")
             handlers[action.computation_type](action.stage_index, action.microbatch_index)
             self.times.record(action.computation_type.name, action.stage_index, action.microbatch_index, start)
         start = time.perf_counter()
         for pending in self.outbox:
-            self._wait(pending)
+            self._wait(pending, "the end of this step's sends")
         self.times.record("WAIT_SENDS", -1, -1, start)
         assert not self.records, f"stage records leaked: {sorted(self.records)}"
         return torch.stack(self.losses).mean() if self.losses else None
@@ -115,19 +128,30 @@ class AFPipeRuntime:
         # Per peer, payload receives must be posted in the order of the sends (NCCL).
         for earlier in self.unposted:
             if set(earlier.peers) & set(peers):
-                earlier.force()
+                self._wait(earlier, "row counts of an earlier transfer", counts_only=True)
         self.unposted = [r for r in self.unposted if r.payload is None]
         self.inbox[key] = recv = RowRecv(peers, layout, tag, self.device)
         self.unposted.append(recv)
 
-    def _wait(self, pending: Pending | RowRecv) -> dict:
+    def _wait(self, pending: Pending | RowRecv, what: str, counts_only: bool = False) -> dict | None:
+        """Wait for posted transfers; a failed or timed-out peer raises ``TransferError``
+        naming it (the job cannot continue: the connection is gone)."""
+        peers = pending.peers if isinstance(pending, RowRecv) else list(pending.tensors)
+        outer = self.activity.what
+        self.activity.set(f"{outer}: waiting for {what} (ranks {sorted(peers)})")
         start = time.perf_counter()
-        out = pending.wait()
-        self.times.wait += time.perf_counter() - start
+        try:
+            out = pending.force(self.timeout) if counts_only else pending.wait(self.timeout)
+        except RuntimeError as e:
+            raise TransferError(f"waiting for {what}", peers, e) from e
+        if not counts_only:  # _recv_f counts its own time, forced count waits included
+            self.times.wait += time.perf_counter() - start
+        self.activity.set(outer)
         return out
 
     def _take(self, kind: str, layer: int, mb: int) -> dict:
-        return self._wait(self.inbox.pop((kind, layer, mb)))
+        return self._wait(self.inbox.pop((kind, layer, mb)), f"{kind.replace('_', ' ')} of layer {layer}, "
+                          f"micro-batch {mb}")
 
     # ---- compute -------------------------------------------------------------------------
     def _forward(self, stage: int, mb: int) -> None:

@@ -34,6 +34,9 @@ class Role:
     index: int
     """Position inside the group (the data-parallel index for attention ranks)."""
 
+    def __str__(self) -> str:
+        return f"{self.pool} pool, group {self.group}, index {self.index}"
+
 
 @dataclass
 class DisaggDims:

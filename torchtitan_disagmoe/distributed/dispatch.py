@@ -21,6 +21,7 @@ in that order.
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,9 +60,11 @@ class Pending:
     works: list
     tensors: dict[int, list[torch.Tensor]]
 
-    def wait(self) -> dict[int, list[torch.Tensor]]:
+    def wait(self, timeout: timedelta | None = None) -> dict[int, list[torch.Tensor]]:
+        """Block until done; raises if a peer fails or ``timeout`` passes (then the
+        connection is unusable: the job must stop)."""
         for work in self.works:
-            work.wait()
+            work.wait(timeout) if timeout is not None else work.wait()
         self.works = []
         return self.tensors
 
@@ -118,16 +121,16 @@ class RowRecv:
             self.force()
         return self.payload is not None
 
-    def force(self) -> None:
+    def force(self, timeout: timedelta | None = None) -> None:
         """Wait for the counts (tiny, already sent) and post the payload receives."""
         if self.payload is not None:
             return
         for work in self.count_works:
-            work.wait()
+            work.wait(timeout) if timeout is not None else work.wait()
         tensors = {peer: [torch.empty((int(self.counts[peer]),) + shape, dtype=dtype, device=self.device)
                           for shape, dtype in self.layout] for peer in self.peers}
         self.payload = post_recvs_known(tensors, self.tag)
 
-    def wait(self) -> dict[int, list[torch.Tensor]]:
-        self.force()
-        return self.payload.wait()
+    def wait(self, timeout: timedelta | None = None) -> dict[int, list[torch.Tensor]]:
+        self.force(timeout)
+        return self.payload.wait(timeout)

@@ -79,3 +79,17 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, world_siz
             for grad, _ in grads:
                 (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coef)
     return total_norm
+
+
+def set_pg_timeouts(timeout: timedelta) -> None:
+    """Set the timeout of every process group this rank created (collectives on gloo and
+    NCCL raise after it). The public API sets timeouts only at creation; like torchtitan
+    we use the private setter, here over all groups, which meshes and our ``new_group``
+    calls created alike."""
+    if not dist.is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if group is not None and group is not dist.GroupMember.NON_GROUP_MEMBER:
+            c10d._set_pg_timeout(timeout, group)
