@@ -126,6 +126,9 @@ class Training:
     """Gradient clipping threshold on the global L2 norm (0 disables clipping)."""
     threads_per_rank: int = 0
     """torch intra-op threads per rank on CPU; 0 means cores // local ranks."""
+    skip_nonfinite_steps: bool = False
+    """NaN/Inf in the loss or a gradient: false stops the run (naming the step, parameters
+    and pool; the last checkpoint is kept), true skips that step's update and goes on."""
 
     def __post_init__(self):
         _check_positive("training.steps", self.steps)
@@ -143,7 +146,8 @@ class Training:
                 f"training.dataset = {self.dataset!r} needs training.dataset_path (a file or directory)")
 
 
-PIPELINE_SCHEDULES = ("1F1B", "Interleaved1F1B")
+PIPELINE_SCHEDULES = ("1F1B", "Interleaved1F1B", "DualPipeV")
+SINGLE_STAGE_SCHEDULES = ("1F1B",)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -152,11 +156,26 @@ class Parallelism:
     """FSDP2 degree over the data-parallel ranks; -1: all of them."""
     expert_parallel_degree: int = 1
     """Ranks the experts of each MoE layer are sharded over (colocated mode); -1: all
-    ranks (so one job file runs on any NGPU that divides the experts)."""
+    data-parallel ranks (so one job file runs on any NGPU that divides the experts)."""
+    expert_parallel_overlap: bool = False
+    """Colocated EP only: split each MoE layer's tokens into ``expert_parallel_overlap_chunks``
+    chunks and overlap the all-to-all of one chunk with the expert compute of another, and
+    the shared experts with the combine (forward and backward). Same numbers as off."""
+    expert_parallel_overlap_chunks: int = 2
+    """Token chunks per MoE layer when ``expert_parallel_overlap`` is on."""
     pipeline_parallel_degree: int = 1
-    """Pipeline stages for colocated runs (1: no pipeline parallelism)."""
+    """Pipeline ranks for colocated runs (1: no pipeline parallelism); the other factor of
+    the world size is data parallelism (FSDP2 and EP within each pipeline rank)."""
     pipeline_parallel_schedule: str = "1F1B"
-    """Schedule of the colocated pipeline: ``1F1B`` or ``Interleaved1F1B``."""
+    """Schedule of the colocated pipeline (torch.distributed.pipelining): ``1F1B`` (one
+    stage per rank), ``Interleaved1F1B`` (looped, >= 2 stages per rank) or ``DualPipeV``
+    (two stages per rank in a V)."""
+    pipeline_parallel_layers_per_stage: int = 0
+    """Transformer layers per (virtual) pipeline stage; 0: layers / (pp x stages per rank)
+    with 1 stage per rank for 1F1B and 2 for Interleaved1F1B and DualPipeV. The embedding
+    goes with the first stage, the final norm and output head with the last."""
+    pipeline_parallel_microbatch_size: int = 1
+    """Sequences per pipeline micro-batch; micro-batches per step = local_batch_size / this."""
 
     def __post_init__(self):
         if self.data_parallel_shard_degree == 0 or self.data_parallel_shard_degree < -1:
@@ -167,9 +186,56 @@ class Parallelism:
             raise ValueError(
                 f"parallelism.expert_parallel_degree = {self.expert_parallel_degree} "
                 "must be -1 (all ranks) or a positive rank count")
+        _check_positive("parallelism.expert_parallel_overlap_chunks", self.expert_parallel_overlap_chunks)
         _check_positive("parallelism.pipeline_parallel_degree", self.pipeline_parallel_degree)
         _check_choice("parallelism.pipeline_parallel_schedule",
                       self.pipeline_parallel_schedule, PIPELINE_SCHEDULES)
+        _check_positive("parallelism.pipeline_parallel_layers_per_stage", self.pipeline_parallel_layers_per_stage,
+                        allow_zero=True)
+        _check_positive("parallelism.pipeline_parallel_microbatch_size", self.pipeline_parallel_microbatch_size)
+
+    def stages_per_rank(self, n_layers: int) -> int:
+        """Pipeline stages each rank holds (virtual stages), from the schedule and layers."""
+        if self.pipeline_parallel_layers_per_stage == 0:
+            return 1 if self.pipeline_parallel_schedule in SINGLE_STAGE_SCHEDULES else 2
+        return n_layers // self.pipeline_parallel_layers_per_stage // self.pipeline_parallel_degree
+
+    def validate_pipeline(self, n_layers: int, local_batch_size: int, world_size: int) -> None:
+        """Checks of the colocated pipeline against the model, batch and world size."""
+        pp, schedule = self.pipeline_parallel_degree, self.pipeline_parallel_schedule
+        if world_size % pp:
+            raise ValueError(f"parallelism.pipeline_parallel_degree = {pp} must divide the number of ranks "
+                             f"(NGPU = {world_size})")
+        per_rank = self.stages_per_rank(n_layers)
+        stages = pp * per_rank
+        lps = self.pipeline_parallel_layers_per_stage or n_layers // max(stages, 1)
+        if per_rank < 1 or lps < 1 or lps * stages != n_layers:
+            raise ValueError(
+                f"the model's {n_layers} layers do not split into pipeline_parallel_degree = {pp} x "
+                f"{max(per_rank, 0)} stages per rank ({schedule}) with parallelism.pipeline_parallel_layers_per_stage"
+                f" = {self.pipeline_parallel_layers_per_stage}; pick a layers per stage that divides "
+                f"{n_layers} into a multiple of {pp} stages")
+        if schedule in SINGLE_STAGE_SCHEDULES and per_rank != 1:
+            raise ValueError(f"parallelism.pipeline_parallel_schedule = {schedule!r} runs 1 stage per rank, but "
+                             f"pipeline_parallel_layers_per_stage = {lps} gives {per_rank}; use Interleaved1F1B")
+        if schedule == "Interleaved1F1B" and per_rank < 2:
+            raise ValueError(f"parallelism.pipeline_parallel_schedule = 'Interleaved1F1B' needs >= 2 stages per "
+                             f"rank, but pipeline_parallel_layers_per_stage = {lps} gives {per_rank}")
+        if schedule == "DualPipeV" and per_rank != 2:
+            raise ValueError(f"parallelism.pipeline_parallel_schedule = 'DualPipeV' needs exactly 2 stages per "
+                             f"rank, but pipeline_parallel_layers_per_stage = {lps} gives {per_rank}")
+        mbs = self.pipeline_parallel_microbatch_size
+        if local_batch_size % mbs:
+            raise ValueError(f"parallelism.pipeline_parallel_microbatch_size = {mbs} must divide "
+                             f"training.local_batch_size = {local_batch_size}")
+        microbatches = local_batch_size // mbs
+        if schedule == "Interleaved1F1B" and microbatches > pp and microbatches % pp:
+            raise ValueError(f"Interleaved1F1B runs micro-batches in rounds of pipeline_parallel_degree = {pp}: "
+                             f"{microbatches} micro-batches (training.local_batch_size / "
+                             f"pipeline_parallel_microbatch_size) must be a multiple of {pp}")
+        if schedule == "DualPipeV" and microbatches < stages:
+            raise ValueError(f"DualPipeV needs at least as many micro-batches as stages ({stages}), got "
+                             f"{microbatches} (training.local_batch_size / pipeline_parallel_microbatch_size)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -265,6 +331,24 @@ class Metrics:
 
 
 @dataclass(kw_only=True, slots=True)
+class Comm:
+    init_timeout_seconds: float = 300.0
+    """Timeout of process-group start-up and of the first step (warm-up, compilation)."""
+    train_timeout_seconds: float = 100.0
+    """Timeout of every later transfer and collective: a rank waiting longer on a peer
+    stops the job with a report naming the peer."""
+    heartbeat_seconds: float = 1.0
+    """How often each rank publishes what it is doing to the job's store, so a failure
+    report can name the rank that died and its last action; 0 disables heartbeats and the
+    hang watchdog."""
+
+    def __post_init__(self):
+        _check_positive("comm.init_timeout_seconds", self.init_timeout_seconds)
+        _check_positive("comm.train_timeout_seconds", self.train_timeout_seconds)
+        _check_positive("comm.heartbeat_seconds", self.heartbeat_seconds, allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -277,6 +361,7 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    comm: Comm = field(default_factory=Comm)
 
     def effective_mode(self, world_size: int) -> str:
         """``disagmoe.mode``, except that one rank cannot be split into two pools: a
@@ -284,9 +369,10 @@ class JobConfig:
         return "colocated" if world_size == 1 else self.disagmoe.mode
 
     def expert_parallel_degree(self, world_size: int) -> int:
-        """The expert-parallel degree with -1 resolved to ``world_size``."""
+        """The expert-parallel degree with -1 resolved to the data-parallel ranks
+        (``world_size / pipeline_parallel_degree``)."""
         ep = self.parallelism.expert_parallel_degree
-        return world_size if ep == -1 else ep
+        return world_size // self.parallelism.pipeline_parallel_degree if ep == -1 else ep
 
     def validate(self, world_size: int) -> None:
         """Cross-section checks against the launch; call before any process group exists.
@@ -315,22 +401,30 @@ class JobConfig:
             if par.pipeline_parallel_degree != 1:
                 raise ValueError("parallelism.pipeline_parallel_degree applies to colocated runs; "
                                  "af_pipe pipelines with disagmoe.pipeline_depth. Set it to 1")
+            if par.expert_parallel_overlap:
+                raise ValueError("parallelism.expert_parallel_overlap applies to colocated expert parallelism; "
+                                 "af_pipe overlaps with its own schedule. Set it to false")
             return
-        if par.pipeline_parallel_degree != 1:
-            raise ValueError(
-                f"parallelism.pipeline_parallel_degree = {par.pipeline_parallel_degree}: "
-                "colocated pipeline parallelism is not available in this build yet; set it to 1")
-        dp = world_size
+        pp = par.pipeline_parallel_degree
+        if pp > 1:
+            par.validate_pipeline(args.n_layers, self.training.local_batch_size, world_size)
+            if self.compile.enable and par.pipeline_parallel_schedule == "DualPipeV":
+                raise ValueError("compile.enable = true is not supported with pipeline_parallel_schedule = "
+                                 "'DualPipeV' (split input/weight backward); set compile.enable = false")
+        dp = world_size // pp
         if par.data_parallel_shard_degree not in (-1, dp):
             raise ValueError(
                 f"parallelism.data_parallel_shard_degree = {par.data_parallel_shard_degree} "
-                f"but colocated mode shards over all {dp} ranks; set it to -1 or {dp}")
+                f"but colocated mode shards over all {dp} data-parallel ranks; set it to -1 or {dp}")
         ep = self.expert_parallel_degree(world_size)
-        if world_size % ep != 0:
+        if dp % ep != 0:
+            where = f"NGPU = {world_size}" if pp == 1 else f"NGPU {world_size} / pipeline_parallel_degree {pp}"
             raise ValueError(
-                f"parallelism.expert_parallel_degree = {ep} must divide the number of ranks "
-                f"(NGPU = {world_size})")
+                f"parallelism.expert_parallel_degree = {ep} must divide the number of data-parallel ranks ({where})")
         if args.moe.num_experts % ep != 0:
             raise ValueError(
                 f"parallelism.expert_parallel_degree = {ep} must divide the "
                 f"{args.moe.num_experts} experts of {self.model.name}/{self.model.flavor}")
+        if par.expert_parallel_overlap and ep == 1:
+            raise ValueError("parallelism.expert_parallel_overlap = true needs parallelism.expert_parallel_degree"
+                             " > 1 (there is no all-to-all to overlap); set one of them")
