@@ -125,10 +125,15 @@ def run_distributed(config: JobConfig, world_size: int, cache_dir: str, steps: i
     return spawn(world_size, run_steps, config, cache_dir, steps, prepare)
 
 
-def run_single(config: JobConfig, cache_dir: str, steps: int = 1, prepare=None) -> dict:
-    """The reference: one process, no process group."""
+def run_single_fn(fn, *args):
+    """``fn(*args)`` in this process as a single-process job (no torchrun variables)."""
     saved = {k: os.environ.pop(k) for k in _ENV_KEYS if k in os.environ}
     try:
-        return run_steps(config, cache_dir, steps, prepare)
+        return fn(*args)
     finally:
         os.environ.update(saved)
+
+
+def run_single(config: JobConfig, cache_dir: str, steps: int = 1, prepare=None) -> dict:
+    """The reference: one process, no process group."""
+    return run_single_fn(run_steps, config, cache_dir, steps, prepare)
