@@ -76,13 +76,13 @@ def list_data_files(dataset: str, dataset_path: str | os.PathLike | None) -> lis
     if path.is_file():
         return [path]
     if not path.exists():
-        raise ValueError(f"dataset_path={str(dataset_path)!r} does not exist")
+        raise ValueError(f"training.dataset_path = {str(dataset_path)!r} does not exist")
     files = sorted(
         p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes)
     )
     if not files:
         raise ValueError(
-            f"dataset_path={str(dataset_path)!r} holds no {'/'.join(suffixes)} "
+            f"training.dataset_path = {str(dataset_path)!r} holds no {'/'.join(suffixes)} "
             f"files for dataset={dataset!r}"
         )
     return files
@@ -163,7 +163,7 @@ def iter_documents(dataset: str, dataset_path: str | None) -> Iterator[str]:
         files = list_data_files(dataset, dataset_path)
         reader = {"text": _iter_text, "jsonl": _iter_jsonl, "parquet": _iter_parquet}
         docs = reader[dataset](files)
-        where = f"dataset_path={str(dataset_path)!r}"
+        where = f"training.dataset_path = {str(dataset_path)!r}"
     # Validate paths now (above) rather than at first next(); the empty check
     # needs the generator, so it is done lazily in a wrapper.
     return _non_empty(docs, dataset, where)

@@ -144,14 +144,14 @@ def build_tokenizer(
         path = Path(tokenizer_path).expanduser()
         if not path.is_dir():
             raise ValueError(
-                f"tokenizer_path={str(tokenizer_path)!r} is not a directory; it "
+                f"model.tokenizer_path = {str(tokenizer_path)!r} is not a directory; it "
                 "must hold tokenizer.json (+ tokenizer_config.json), or be empty "
                 "to use the builtin BPE"
             )
         try:
             return HuggingFaceTokenizer(str(path))
         except FileNotFoundError as e:
-            raise ValueError(f"tokenizer_path={str(tokenizer_path)!r}: {e}") from e
+            raise ValueError(f"model.tokenizer_path = {str(tokenizer_path)!r}: {e}") from e
 
     if vocab_size < _MIN_VOCAB_SIZE:
         raise ValueError(
