@@ -2,6 +2,9 @@
 
 - ``ColocatedLayout`` (``disagmoe.mode = "colocated"``): every rank holds attention
   (FSDP2 over all ranks) and a slice of the experts (expert parallelism, all-to-all).
+- ``PipelinedColocatedLayout`` (colocated with ``parallelism.pipeline_parallel_degree`` >
+  1): the same within each pipeline rank, layers split into stages run by
+  torch.distributed.pipelining's 1F1B / Interleaved1F1B / DualPipeV.
 - ``DisaggregatedLayout`` (``"af_pipe"``): attention pool and expert pool on disjoint
   ranks, joined by M2N dispatch / N2M combine (distributed/af_engine.py).
 
@@ -29,6 +32,8 @@ from torchtitan_disagmoe.distributed.dispatch import (COMBINE, COMBINE_GRAD, DIS
 from torchtitan_disagmoe.distributed.expert_parallel import AllToAllTokenDispatcher, reduce_expert_grads
 from torchtitan_disagmoe.distributed.parallel_dims import ParallelDims
 from torchtitan_disagmoe.distributed.parallelize import parallelize_model
+from torchtitan_disagmoe.distributed.pipeline_parallel import (build_pipeline_schedule, split_into_stages,
+                                                               stage_ids_for_rank)
 from torchtitan_disagmoe.models import ModelSpec
 from torchtitan_disagmoe.models.args import MoETransformerArgs
 from torchtitan_disagmoe.models.init import init_model_weights_
@@ -43,6 +48,12 @@ def materialize(model: nn.Module, spec: ModelSpec, args: MoETransformerArgs, dev
     init_model_weights_(model, lambda name: spec.init_rule(name, args.dim), seed)
 
 
+def _overlap_chunks(config: JobConfig) -> int:
+    """Token chunks of the overlapping all-to-all dispatcher; 0: the plain one."""
+    par = config.parallelism
+    return par.expert_parallel_overlap_chunks if par.expert_parallel_overlap else 0
+
+
 def _sum_over_job(value: float, world_size: int) -> float:
     if world_size == 1:
         return value
@@ -54,12 +65,13 @@ def _sum_over_job(value: float, world_size: int) -> float:
 class ColocatedLayout:
     def __init__(self, config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int,
                  world_size: int, device: torch.device):
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.device, self.config = rank, world_size, device, config
         self.dims = ParallelDims(world_size, config.expert_parallel_degree(world_size))
         self.dims.build_meshes(device.type)
         with torch.device("meta"):
             self.model = spec.model_cls(args)
-        self.expert_params = parallelize_model(self.model, self.dims, config.compile.enable)
+        self.expert_params = parallelize_model(self.model, self.dims, config.compile.enable,
+                                               overlap_chunks=_overlap_chunks(config))
         materialize(self.model, spec, args, device, config.training.seed)
         self.dp_rank, self.dp_degree, self.has_data = rank, world_size, True
         self.router_group = None  # load-balance counts are summed over all ranks
@@ -67,7 +79,9 @@ class ColocatedLayout:
         self.has_timeline = False  # no action list to draw
 
     def describe(self) -> str:
-        return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}"
+        overlap = f", all-to-all overlapped over {_overlap_chunks(self.config)} chunks" if _overlap_chunks(
+            self.config) else ""
+        return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}{overlap}"
 
     def forward_backward(self, inputs, labels) -> torch.Tensor:
         logits = self.model(inputs.to(self.device))
@@ -97,6 +111,67 @@ class ColocatedLayout:
         dist.all_reduce(values)
         return {"dispatch_bytes": values[0].item(), "combine_bytes": values[1].item()}
 
+
+
+class PipelinedColocatedLayout(ColocatedLayout):
+    """Colocated EP + FSDP2 within each pipeline rank, layers split into pipeline stages.
+
+    Ranks form a (pp, dp) grid (``ParallelDims``); this rank holds the stages
+    ``stage_ids`` and ``model`` is the whole model pruned to them (full parameter names).
+    ``forward_backward`` runs one step of the schedule over ``local_batch_size /
+    pipeline_parallel_microbatch_size`` micro-batches; the ranks of the last stage hold
+    the loss.
+    """
+
+    def __init__(self, config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int,
+                 world_size: int, device: torch.device):
+        par, t = config.parallelism, config.training
+        self.rank, self.world_size, self.device, self.config = rank, world_size, device, config
+        self.dims = ParallelDims(world_size, config.expert_parallel_degree(world_size), par.pipeline_parallel_degree)
+        self.dims.build_meshes(device.type)
+        per_rank = par.stages_per_rank(args.n_layers)
+        self.num_stages = self.dims.pp * per_rank
+        self.stage_ids = stage_ids_for_rank(self.dims.pp_rank(rank), self.dims.pp, per_rank,
+                                            par.pipeline_parallel_schedule)
+        self.microbatches = t.local_batch_size // par.pipeline_parallel_microbatch_size
+        with torch.device("meta"):
+            self.model = spec.model_cls(args)
+        stage_modules = split_into_stages(self.model, self.stage_ids, self.num_stages)
+        self.expert_params = parallelize_model(self.model, self.dims, config.compile.enable, stage_modules,
+                                               overlap_chunks=_overlap_chunks(config))
+        materialize(self.model, spec, args, device, t.seed)
+        self.schedule = build_pipeline_schedule(
+            stage_modules, self.stage_ids, self.num_stages, self.dims, par.pipeline_parallel_schedule,
+            self.microbatches, (par.pipeline_parallel_microbatch_size, t.seq_len), args.dim, args.vocab_size, device)
+        for module in self.model.modules():  # each micro-batch's balance loss is 1/M of the step's
+            if isinstance(module, MoE):
+                module.aux_loss_scale = 1.0 / self.microbatches
+        self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
+        self.dp_rank, self.dp_degree, self.has_data = self.dims.dp_rank(rank), self.dims.dp, True
+        # Ranks holding the same layers for other sequences sum the load-balance counts.
+        self.router_group = self.dims.dp_mesh.get_group()
+        self.plain_param_replicas = self.dims.dp
+        self.has_timeline = False
+
+    def describe(self) -> str:
+        par = self.config.parallelism
+        return (f"colocated pipeline: pp {self.dims.pp} x dp {self.dims.dp} ranks, {par.pipeline_parallel_schedule}, "
+                f"{self.num_stages} stages, {self.microbatches} micro-batches; FSDP2 over dp, expert parallel "
+                f"{self.dims.ep}; this rank: stages {self.stage_ids}")
+
+    def forward_backward(self, inputs, labels) -> torch.Tensor | None:
+        args = (inputs.to(self.device),) if self.has_first else ()
+        target = labels.to(self.device) if self.has_last else None
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*args, target=target, losses=losses if self.has_last else None, return_outputs=False)
+        # Each micro-batch loss is already divided by the micro-batch count.
+        return torch.stack(losses).sum().detach() if self.has_last else None
+
+    def mean_over_batch(self, value: float | None) -> float:
+        """Average over the data-parallel ranks of a value held by one pipeline rank's
+        ranks (the loss: the last stage; pass None elsewhere), or a per-layer sum held in
+        parts by every pipeline rank (aux loss)."""
+        return _sum_over_job(value or 0.0, self.world_size) / self.dims.dp
 
 class DisaggregatedLayout:
     def __init__(self, config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int,
@@ -191,5 +266,10 @@ def build_layout(config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, r
     if mode != config.disagmoe.mode:
         logger.warning("disagmoe.mode = 'af_pipe' needs at least 2 ranks (one per pool); NGPU = 1 runs "
                        "the single-process reference on the same data instead")
-    cls = DisaggregatedLayout if mode == "af_pipe" else ColocatedLayout
+    if mode == "af_pipe":
+        cls = DisaggregatedLayout
+    elif config.parallelism.pipeline_parallel_degree > 1:
+        cls = PipelinedColocatedLayout
+    else:
+        cls = ColocatedLayout
     return cls(config, spec, args, rank, world_size, device)

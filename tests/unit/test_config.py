@@ -284,9 +284,12 @@ def test_validate_bad_af_pipe_layouts(world, a, f, p, key):
     assert key in str(info.value) and "disagmoe." in str(info.value)
 
 
-def test_validate_pipeline_parallel_refused():
+def test_validate_pipeline_parallel_colocated_only():
+    """Colocated runs pipeline with pipeline_parallel_degree; af_pipe pipelines its own way."""
+    _validate(2, "--parallelism.pipeline_parallel_degree", "2")
     with pytest.raises(ValueError, match=r"parallelism\.pipeline_parallel_degree"):
-        _validate(2, "--parallelism.pipeline_parallel_degree", "2")
+        _validate(2, *_af("--disagmoe.attention_ranks", "1", "--disagmoe.expert_ranks", "1",
+                          "--parallelism.pipeline_parallel_degree", "2"))
 
 
 def test_expert_parallel_degree_minus_one_means_all_ranks():

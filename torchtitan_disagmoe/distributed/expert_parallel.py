@@ -133,18 +133,26 @@ def shard_experts(experts: nn.Module, expert_mesh: DeviceMesh) -> list[nn.Parame
     return params
 
 
-def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh) -> list[nn.Parameter]:
+def apply_expert_parallel(model: nn.Module, expert_mesh: DeviceMesh, overlap_chunks: int = 0) -> list[nn.Parameter]:
     """Colocated EP: shard every MoE layer's experts over ``ep`` and swap in the
     all-to-all dispatcher (in place, on a meta-device model).
+
+    Args:
+        overlap_chunks: > 0: the dispatcher that overlaps all-to-all with compute over
+            this many token chunks (``ep_overlap.py``); 0: the plain one.
 
     Returns:
         The expert parameters (their gradients need ``reduce_expert_grads``).
     """
+    from .ep_overlap import OverlappedAllToAllDispatcher  # it subclasses the dispatcher above
+
     expert_params = []
     for module in model.modules():
         if isinstance(module, MoE):
             expert_params += shard_experts(module.experts, expert_mesh)
-            module.dispatcher = AllToAllTokenDispatcher(expert_mesh.get_group("ep"), module.args.num_experts)
+            group, num_experts = expert_mesh.get_group("ep"), module.args.num_experts
+            module.dispatcher = (OverlappedAllToAllDispatcher(group, num_experts, overlap_chunks) if overlap_chunks
+                                 else AllToAllTokenDispatcher(group, num_experts))
     return expert_params
 
 

@@ -8,6 +8,13 @@ the same experts (expert data parallelism, ``edp = world_size / ep``):
     world 4, ep 2:   mesh ("edp", "ep") = [[0, 1],
                                            [2, 3]]   rank 2 holds the experts of rank 0
 
+With pipeline parallelism (``pp`` > 1) the ranks form a (pp, dp) grid, pipeline rank
+outermost as in torchtitan; FSDP2 and expert parallelism run over the ``dp`` ranks of
+one pipeline rank, which hold the same layers:
+
+    world 4, pp 2, ep 2:  mesh ("pp", "edp", "ep") = [[[0, 1]], [[2, 3]]]
+                          ranks 0, 1 hold the first stage(s), 2, 3 the next
+
 The arithmetic here needs no process group (unit-tested); ``build_meshes`` creates every
 mesh on every rank, which FSDP2 on sub-meshes requires (FINDINGS.md: meshes created only
 by their members trained silently wrong).
@@ -23,27 +30,42 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 class ParallelDims:
     world_size: int
     ep: int = 1
+    pp: int = 1
     dp_mesh: DeviceMesh | None = field(default=None, repr=False)
     expert_mesh: DeviceMesh | None = field(default=None, repr=False)
+    pp_mesh: DeviceMesh | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.world_size < 1 or self.ep < 1 or self.world_size % self.ep:
+        if self.pp < 1 or self.world_size % self.pp:
             raise ValueError(
-                f"parallelism.expert_parallel_degree = {self.ep} must divide the world size {self.world_size}")
+                f"parallelism.pipeline_parallel_degree = {self.pp} must divide the world size {self.world_size}")
+        if self.world_size < 1 or self.ep < 1 or self.dp % self.ep:
+            raise ValueError(f"parallelism.expert_parallel_degree = {self.ep} must divide the data-parallel "
+                             f"ranks {self.dp} (world size {self.world_size})")
 
     @property
     def dp(self) -> int:
-        """Data-parallel ranks: every rank sees different sequences."""
-        return self.world_size
+        """Data-parallel ranks: ranks of one pipeline rank, each seeing different sequences."""
+        return self.world_size // self.pp
 
     @property
     def edp(self) -> int:
         """Replicas of each expert shard."""
-        return self.world_size // self.ep
+        return self.dp // self.ep
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.world_size > 1
+        return self.dp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    def pp_rank(self, rank: int) -> int:
+        return rank // self.dp
+
+    def dp_rank(self, rank: int) -> int:
+        return rank % self.dp
 
     @property
     def ep_enabled(self) -> bool:
@@ -57,7 +79,7 @@ class ParallelDims:
         return rank % self.ep
 
     def edp_rank(self, rank: int) -> int:
-        return rank // self.ep
+        return self.dp_rank(rank) // self.ep
 
     def expert_range(self, rank: int, num_experts: int) -> range:
         """Global ids of the experts that ``rank`` holds."""
@@ -66,11 +88,18 @@ class ParallelDims:
         return range(start, start + per_rank)
 
     def build_meshes(self, device_type: str) -> None:
-        """Create the data-parallel mesh and the (edp, ep) expert mesh on every rank."""
+        """Create the data-parallel mesh and the (edp, ep) expert mesh on every rank (with
+        pipeline parallelism: slices of (pp, dp) and (pp, edp, ep) meshes, plus ``pp_mesh``)."""
         if not self.distributed:
             return
-        self.dp_mesh = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp_shard",))
-        self.expert_mesh = init_device_mesh(device_type, (self.edp, self.ep), mesh_dim_names=("edp", "ep"))
+        if not self.pp_enabled:
+            self.dp_mesh = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp_shard",))
+            self.expert_mesh = init_device_mesh(device_type, (self.edp, self.ep), mesh_dim_names=("edp", "ep"))
+            return
+        grid = init_device_mesh(device_type, (self.pp, self.dp), mesh_dim_names=("pp", "dp_shard"))
+        self.pp_mesh, self.dp_mesh = grid["pp"], grid["dp_shard"]
+        experts = init_device_mesh(device_type, (self.pp, self.edp, self.ep), mesh_dim_names=("pp", "edp", "ep"))
+        self.expert_mesh = experts["edp", "ep"]
 
 
 def device_type() -> str:

@@ -19,20 +19,34 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(dynamic=True)
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, ignored_params: set[nn.Parameter]) -> None:
-    """Shard blocks and then the root (embedding, final norm, head) over all ranks.
+def apply_fsdp(roots: list[nn.Module], dims: ParallelDims, ignored_params: set[nn.Parameter],
+               reshard_after_forward: bool = True) -> None:
+    """Shard each root's blocks and then the root (embedding, final norm, head) over the
+    data-parallel ranks. A root is the whole model, or one pipeline stage.
 
     Expert weights that expert parallelism already sharded are left to it (ignored here).
+    With pipeline parallelism each block runs forward once per micro-batch, so keeping
+    it unsharded until backward (``reshard_after_forward=False``, as torchtitan does)
+    saves an all-gather per micro-batch.
     """
     assert dims.dp_mesh is not None
-    for block in model.layers.values():
-        # The last block's parameters are needed again right away by backward.
-        fully_shard(block, mesh=dims.dp_mesh, ignored_params=ignored_params)
-    fully_shard(model, mesh=dims.dp_mesh, ignored_params=ignored_params)
+    for root in roots:
+        for block in root.layers.values():
+            fully_shard(block, mesh=dims.dp_mesh, ignored_params=ignored_params,
+                        reshard_after_forward=reshard_after_forward)
+        fully_shard(root, mesh=dims.dp_mesh, ignored_params=ignored_params,
+                    reshard_after_forward=reshard_after_forward)
 
 
-def parallelize_model(model: nn.Module, dims: ParallelDims, compile_enabled: bool) -> list[nn.Parameter]:
+def parallelize_model(model: nn.Module, dims: ParallelDims, compile_enabled: bool,
+                      stage_modules: list[nn.Module] | None = None, overlap_chunks: int = 0) -> list[nn.Parameter]:
     """Parallelize ``model`` in place for the colocated layout.
+
+    Args:
+        stage_modules: with pipeline parallelism, this rank's stages (sharing their
+            modules with ``model``); FSDP2 wraps each of them instead of ``model``.
+        overlap_chunks: > 0 swaps in the overlapping all-to-all dispatcher with this many
+            token chunks (``parallelism.expert_parallel_overlap``).
 
     Returns:
         The expert-parallel parameters (empty without expert parallelism), whose
@@ -41,9 +55,10 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, compile_enabled: boo
     expert_params: list[nn.Parameter] = []
     if dims.ep_enabled:
         assert dims.expert_mesh is not None
-        expert_params = apply_expert_parallel(model, dims.expert_mesh)
+        expert_params = apply_expert_parallel(model, dims.expert_mesh, overlap_chunks)
     if compile_enabled:
         apply_compile(model)
     if dims.fsdp_enabled:
-        apply_fsdp(model, dims, set(expert_params))
+        roots = [model] if stage_modules is None else stage_modules
+        apply_fsdp(roots, dims, set(expert_params), reshard_after_forward=stage_modules is None)
     return expert_params

@@ -12,7 +12,9 @@ on different ranks and a parallel one can swap the dispatcher:
     2. ``dispatcher.dispatch(x_TD, routing) -> (x_ND, tokens_per_expert_e, state)``
     3. ``experts(x_ND, tokens_per_expert_e) -> y_ND``         (grouped GEMM)
     4. ``dispatcher.combine(y_ND, state) -> y_TD``           (weight and sum per token)
-Shared experts run on the un-dispatched tokens and are added at the end.
+Shared experts run on the un-dispatched tokens and are added at the end. A dispatcher
+with ``dispatch_compute_combine(x_TD, routing, experts, shared_experts) -> out_TD``
+runs steps 2-4 and the shared experts itself (to overlap communication with compute).
 
 Parameter and buffer names match torchtitan 0.2.2's MoE (``experts.w1``,
 ``router.gate.weight``, ``shared_experts.w1.weight``, ``expert_bias``), so its state-dict
@@ -326,10 +328,16 @@ class MoE(nn.Module):
         batch_size, _, dim = x_BSD.shape
         x_TD = x_BSD.reshape(-1, dim)
         routing = self.route(x_TD)
-        x_ND, tokens_per_expert_e, state = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, tokens_per_expert_e)
-        out_TD = self.dispatcher.combine(y_ND, state)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+        fused = getattr(self.dispatcher, "dispatch_compute_combine", None)
+        if fused is not None:
+            # A dispatcher that overlaps its communication with the expert (and shared
+            # expert) compute runs them itself, in its own order; same result.
+            out_TD = fused(x_TD, routing, self.experts, self.shared_experts)
+        else:
+            x_ND, tokens_per_expert_e, state = self.dispatcher.dispatch(x_TD, routing)
+            y_ND = self.experts(x_ND, tokens_per_expert_e)
+            out_TD = self.dispatcher.combine(y_ND, state)
+            if self.shared_experts is not None:
+                out_TD = out_TD + self.shared_experts(x_TD)
         out_TD = self.attach_aux_loss(out_TD, routing, batch_size)
         return out_TD.view_as(x_BSD)
