@@ -12,8 +12,12 @@ machine's conditions; run it twice if the machine is busy.
 Layouts: ``single`` (1 process), ``fsdp2`` (FSDP2 over all ranks, experts replicated),
 ``ep`` (colocated: FSDP2 + experts sharded over all ranks), ``af_pipe`` (half the ranks
 attention, half experts, p = 1, ``--microbatches`` micro-batches) and ``af_pipe_mbK``
-(the same with K micro-batches). ``speedup`` is af_pipe tokens/s over ep tokens/s when
-both ran.
+(the same with K micro-batches). The colocated baselines the planner also predicts:
+``ep_overlap`` (``ep`` with the all-to-all overlapped with expert compute inside each
+layer, ``--overlap-chunks`` token chunks), and pipeline parallel 2 with EP + FSDP2 over
+the other world / 2 ranks: ``ep_1f1b``, ``ep_1f1b_interleaved`` (2 stages per rank) and
+``dualpipe`` (DualPipeV), each with ``--pp-microbatches`` micro-batches. ``speedup`` is
+af_pipe tokens/s over ep tokens/s when both ran.
 
 ``--cluster-in-a-box`` runs every layout inside one emulated cluster of ``--nodes`` nodes
 (network namespaces, a rate-limited link per node calibrated to this CPU's FLOP/s and the
@@ -34,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COLOCATED = {"single": lambda world: (1, 1, 1), "fsdp2": lambda world: (world, 1, world),
              "ep": lambda world: (world, world, world)}  # (ranks, ep degree, data-parallel ranks)
+PIPELINED = {"ep_1f1b": "1F1B", "ep_1f1b_interleaved": "Interleaved1F1B", "dualpipe": "DualPipeV"}
+PP_DEGREE = 2  # pipeline ranks of the PIPELINED layouts; the rest is data/expert parallel
 REPORTED = ("busy_fraction_attention", "busy_fraction_expert", "exposed_comm_fraction", "dispatch_bytes",
             "combine_bytes", "residual_bytes")
 
@@ -43,6 +49,21 @@ def layout_settings(name: str, world: int, args) -> tuple[int, int, dict]:
     if name in COLOCATED:
         ranks, ep, dp = COLOCATED[name](world)
         return ranks, dp, {"disagmoe.mode": "colocated", "parallelism.expert_parallel_degree": ep}
+    if name == "ep_overlap":
+        return world, world, {"disagmoe.mode": "colocated", "parallelism.expert_parallel_degree": world,
+                              "parallelism.expert_parallel_overlap": "true",
+                              "parallelism.expert_parallel_overlap_chunks": args.overlap_chunks}
+    if name in PIPELINED:
+        if world % PP_DEGREE:
+            raise ValueError(f"layout {name} needs an even --world-size")
+        dp = world // PP_DEGREE
+        local_batch = args.global_batch // dp
+        if local_batch % args.pp_microbatches:
+            raise ValueError(f"--pp-microbatches {args.pp_microbatches} must divide the local batch {local_batch}")
+        return world, dp, {"disagmoe.mode": "colocated", "parallelism.expert_parallel_degree": -1,
+                           "parallelism.pipeline_parallel_degree": PP_DEGREE,
+                           "parallelism.pipeline_parallel_schedule": PIPELINED[name],
+                           "parallelism.pipeline_parallel_microbatch_size": local_batch // args.pp_microbatches}
     if name == "af_pipe" or name.startswith("af_pipe_mb"):
         microbatches = int(name[len("af_pipe_mb"):]) if name != "af_pipe" else args.microbatches
         half = world // 2
@@ -98,6 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layouts", default="ep,af_pipe")
     parser.add_argument("--microbatches", type=int, default=2, help="micro-batches of the af_pipe layout")
+    parser.add_argument("--pp-microbatches", type=int, default=4,
+                        help="micro-batches of the pipelined layouts (ep_1f1b, ep_1f1b_interleaved, dualpipe)")
+    parser.add_argument("--overlap-chunks", type=int, default=2, help="token chunks of the ep_overlap layout")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5, help="steps discarded before timing")
@@ -116,8 +140,11 @@ def main() -> None:
     for name in names:
         try:
             layout_settings(name, args.world_size, args)
-        except ValueError:
-            parser.error(f"--layouts: unknown layout {name!r}; allowed: {list(COLOCATED)} + af_pipe, af_pipe_mbK")
+        except ValueError as exc:
+            if str(exc) != name:
+                parser.error(str(exc))
+            parser.error(f"--layouts: unknown layout {name!r}; allowed: {list(COLOCATED)} + ep_overlap, "
+                         f"{list(PIPELINED)}, af_pipe, af_pipe_mbK")
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
     cluster_info = None
@@ -154,12 +181,12 @@ def main() -> None:
             out["cluster_in_a_box"] = cluster_info
         print(json.dumps(out, indent=2))
         return
-    print(f"{'layout':12} {'ranks':>5} {'tokens/s':>9} {'step s':>7} {'MFU':>7} {'mem GiB':>7} {'loss':>7} "
+    print(f"{'layout':20} {'ranks':>5} {'tokens/s':>9} {'step s':>7} {'MFU':>7} {'mem GiB':>7} {'loss':>7} "
           f"{'busy A':>6} {'busy F':>6} {'exposed':>7} {'MB moved':>8} {'x ' + names[0]:>9}")
     for r in results:
         moved = sum(r.get(k, 0.0) for k in ("dispatch_bytes", "combine_bytes", "residual_bytes")) / 1e6
         busy = [f"{r[k]:6.2f}" if k in r else f"{'-':>6}" for k in REPORTED[:3]]
-        print(f"{r['layout']:12} {r['ranks']:5d} {r['tokens_per_second']:9.0f} {r['step_time_s']:7.3f} "
+        print(f"{r['layout']:20} {r['ranks']:5d} {r['tokens_per_second']:9.0f} {r['step_time_s']:7.3f} "
               f"{100 * r['mfu']:6.2f}% {r['memory_gib']:7.2f} {r['final_loss']:7.4f} {busy[0]} {busy[1]} "
               f"{busy[2]:>7} {moved:8.2f} {ratios[r['layout']]:9.2f}")
     if speedup is not None:
