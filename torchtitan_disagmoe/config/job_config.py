@@ -230,12 +230,14 @@ class Parallelism:
                              f"training.local_batch_size = {local_batch_size}")
         microbatches = local_batch_size // mbs
         if schedule == "Interleaved1F1B" and microbatches > pp and microbatches % pp:
-            raise ValueError(f"Interleaved1F1B runs micro-batches in rounds of pipeline_parallel_degree = {pp}: "
-                             f"{microbatches} micro-batches (training.local_batch_size / "
-                             f"pipeline_parallel_microbatch_size) must be a multiple of {pp}")
+            raise ValueError(f"parallelism.pipeline_parallel_schedule = 'Interleaved1F1B' runs micro-batches in "
+                             f"rounds of pipeline_parallel_degree = {pp}: {microbatches} micro-batches "
+                             f"(training.local_batch_size / parallelism.pipeline_parallel_microbatch_size) must be "
+                             f"a multiple of {pp}")
         if schedule == "DualPipeV" and microbatches < stages:
-            raise ValueError(f"DualPipeV needs at least as many micro-batches as stages ({stages}), got "
-                             f"{microbatches} (training.local_batch_size / pipeline_parallel_microbatch_size)")
+            raise ValueError(f"parallelism.pipeline_parallel_schedule = 'DualPipeV' needs at least as many "
+                             f"micro-batches as stages ({stages}), got {microbatches} (training.local_batch_size / "
+                             f"parallelism.pipeline_parallel_microbatch_size)")
 
 
 @dataclass(kw_only=True, slots=True)
