@@ -267,7 +267,7 @@ def prepare_initial_load(config, model: nn.Module, model_args: MoETransformerArg
     c = config.checkpoint
     if not (c.initial_load_path and c.initial_load_in_hf):
         return None
-    adapter = build_sd_adapter(config.model.name, model_args, c.initial_load_path)
+    adapter = build_sd_adapter(config.model.name, model_args)
     if adapter is None:
         raise ValueError(f"checkpoint.initial_load_in_hf = true but model.name = {config.model.name!r} has no "
                          f"HF state-dict adapter (supported: {sorted(_ADAPTERS)})")
