@@ -2,7 +2,7 @@
 gathered model equals the single model the HF checkpoint was written from. Layouts: af_pipe
 A1 F1 (attention side on rank 0, routed experts on rank 1), A1 F2 (experts split over 2
 ranks), A2 F2 p2 (each rank holds every other layer); colocated EP 2 (FSDP2 shards and half
-the experts per rank, as DTensors).
+the experts per rank, as DTensors) and EP 2 x EDP 2 on 4 ranks (experts also replicated).
 
 Run: .venv/bin/python -m pytest -q tests/distributed/test_hf_import_dist.py
 """
@@ -32,9 +32,12 @@ LAYOUTS = {
                     training={"local_batch_size": 1})),
     "af_pipe-A1F2": (3, _af_pipe(1, 2)),
     "af_pipe-A2F2p2": (4, _af_pipe(2, 2, 2)),
+    "ep2-edp2": (4, dict(disagmoe={"mode": "colocated"}, parallelism={"expert_parallel_degree": 2},
+                         training={"local_batch_size": 1})),
 }
 CASES = [("qwen3_moe", "af_pipe-A1F1"), ("qwen3_moe", "ep2"), ("deepseek_moe", "af_pipe-A1F1"),
-         ("deepseek_moe", "ep2"), ("qwen3_moe", "af_pipe-A1F2"), ("deepseek_moe", "af_pipe-A2F2p2")]
+         ("deepseek_moe", "ep2"), ("qwen3_moe", "af_pipe-A1F2"), ("deepseek_moe", "af_pipe-A2F2p2"),
+         ("qwen3_moe", "ep2-edp2")]
 
 
 def load_and_gather(config, cache_dir: str) -> dict[str, torch.Tensor]:

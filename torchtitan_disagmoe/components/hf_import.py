@@ -205,8 +205,8 @@ def check_hf_checkpoint(path: str, hf_state_dict: dict[str, Any], model_desc: st
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        return [f"checkpoint.initial_load_path = {path!r} holds no *.safetensors files; give an HF model "
-                "folder, or set checkpoint.initial_load_in_hf = false for a DCP checkpoint"]
+        return [(f"checkpoint.initial_load_path = {path!r} holds no *.safetensors files; give an HF model "
+                 "folder, or set checkpoint.initial_load_in_hf = false for a DCP checkpoint")]
     shapes = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
