@@ -167,3 +167,14 @@ def test_config_checks(tmp_path):
     with pytest.raises(ValueError, match="needs checkpoint.enable = true"):
         Checkpoint(initial_load_path=str(tmp_path), initial_load_model_only=False)
     Checkpoint(initial_load_path=str(tmp_path), initial_load_model_only=False, enable=True)
+
+
+def test_empty_checkpoint_folder_does_not_silently_skip_the_load(tmp_path, cache_dir):
+    """torchtitan skips the initial load once the checkpoint folder exists; an empty one
+    (a run that died before its first save) would otherwise start from random weights."""
+    from torchtitan_disagmoe.trainer import Trainer
+
+    write_hf(tmp_path / "hf", "qwen3_moe")
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"exists with no step-N checkpoint in it.*delete that folder"):
+        Trainer(hf_config(tmp_path, "qwen3_moe", tmp_path / "hf", enable=True), cache_dir=cache_dir)

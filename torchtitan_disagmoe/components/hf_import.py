@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -260,18 +261,34 @@ def load_initial_weights(model: nn.Module, path: str, adapter=None) -> None:
     set_model_state_dict(model, state_dict, options=StateDictOptions(strict=False))
 
 
+def _holds_a_checkpoint(folder: str) -> bool:
+    """Whether torchtitan's manager would find a ``step-N`` checkpoint to resume from."""
+    return any(re.fullmatch(r"step-\d+", name) and (os.path.isfile(os.path.join(folder, name, ".metadata")) or
+               os.path.isfile(os.path.join(folder, name, "model.safetensors.index.json")))
+               for name in os.listdir(folder))
+
+
 def prepare_initial_load(config, model: nn.Module, model_args: MoETransformerArgs):
     """The adapter for ``checkpoint.initial_load_in_hf`` (None otherwise), after checking
     the HF files against this rank's part of the model if the initial load will happen
     (checkpointing off, or no checkpoint folder to resume from yet)."""
     c = config.checkpoint
-    if not (c.initial_load_path and c.initial_load_in_hf):
+    if not c.initial_load_path:
+        return None
+    folder = os.path.join(config.job.dump_folder, c.folder)
+    if c.enable and os.path.isdir(folder) and not _holds_a_checkpoint(folder):
+        # torchtitan loads initial weights only while the folder is absent: it would start
+        # from the seeded initialisation here, silently ignoring initial_load_path.
+        raise ValueError(f"checkpoint.initial_load_path is set but the checkpoint folder {folder!r} exists with no "
+                         "step-N checkpoint in it, so nothing would be loaded; delete that folder or use another "
+                         "job.dump_folder")
+    if not c.initial_load_in_hf:
         return None
     adapter = build_sd_adapter(config.model.name, model_args)
     if adapter is None:
         raise ValueError(f"checkpoint.initial_load_in_hf = true but model.name = {config.model.name!r} has no "
                          f"HF state-dict adapter (supported: {sorted(_ADAPTERS)})")
-    if not c.enable or not os.path.exists(os.path.join(config.job.dump_folder, c.folder)):
+    if not c.enable or not os.path.isdir(folder):
         verify_hf_checkpoint(c.initial_load_path, adapter, model, f"{config.model.name}/{config.model.flavor}")
     return adapter
 
