@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from torchtitan_disagmoe.components.checkpoint import build_checkpointer
 from torchtitan_disagmoe.components.load_balance import (
@@ -223,6 +224,8 @@ class Trainer:
         if self.step >= steps:
             logger.info(f"checkpoint is at step {self.step} >= training.steps = {steps}: nothing to do")
         first_step = self.step + 1
+        self.activity.set("starting the training loop")
+        self.activity.in_step = True
         try:
             while self.step < stop_at:
                 self.step += 1
@@ -242,12 +245,14 @@ class Trainer:
             self._publish_failure()
             logger.error(str(e))
             raise
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             self._publish_failure()
             report = failure_report(e, self.activity, self.heartbeats, self.world_size,
                                     stale_s=max(3.0, 3 * self.config.comm.heartbeat_seconds))
             logger.error(report)
             raise TrainingFailure(report) from e
+        finally:
+            self.activity.in_step = False
         self.activity.set("finished")
         return logged
 

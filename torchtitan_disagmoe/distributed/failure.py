@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -51,6 +51,10 @@ class TrainingFailure(RuntimeError):
 
 
 def _first_line(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, stack)}
+    if isinstance(failures, dict) and failures:
+        rank, (cause, _) = next(iter(sorted(failures.items(), key=lambda item: item[0])))
+        return f"checkpoint I/O failed on ranks {sorted(failures)}; rank {rank}: {_first_line(cause)}"
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
 
@@ -64,7 +68,9 @@ class Activity:
     step: int = 0
     what: str = "starting"
     seq: int = 0
-    since: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+    in_step: bool = False
+    """True inside ``Trainer.train``: only then does the watchdog enforce its deadline."""
 
     def set(self, what: str) -> None:
         self.what, self.since = what, time.monotonic()
@@ -139,7 +145,7 @@ class Watchdog:
                 except Exception:
                     pass  # store gone: the rank that hosted it died; the transfers will tell
                 published_seq, published_at = a.seq, now
-            if self.deadline_s > 0 and now - a.since > self.deadline_s:
+            if a.in_step and self.deadline_s > 0 and now - a.since > self.deadline_s:
                 report = (f"{a.describe()} made no progress for {now - a.since:.0f} s at step {a.step} while "
                           f"{a.what}; exiting (watchdog deadline {self.deadline_s:.0f} s = "
                           f"comm.train_timeout_seconds + margin). Stacks of all threads follow.")
