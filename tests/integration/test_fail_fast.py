@@ -2,6 +2,7 @@
 torchrun within a bounded time, with a report that names the failed rank, its pool and
 what it was doing. Real launcher, real processes, gloo."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,6 +84,27 @@ def test_killed_rank_ends_the_job_with_a_report(tmp_path, victim, pool):
     assert named, "\n".join(reports)
     assert "micro-batch" in named[0] and "at step" in named[0]
     print(f"SIGKILL of rank {victim} ({pool}): job exited in {elapsed:.1f} s")
+
+
+def test_hung_rank_is_detected_by_the_timeouts(tmp_path):
+    """A rank that stops without dying (SIGSTOP: its sockets stay open) is caught by the
+    transfer timeouts, then named from its stale heartbeat."""
+    dump = tmp_path / "out"
+    args = _job_args(dump) + ["--comm.train_timeout_seconds", "5"]
+    proc, lines = _launch(tmp_path, ["-m", "torchtitan_disagmoe.train", *args])
+    _wait_for_steps(proc, lines, dump / "metrics.jsonl", 3)
+    victim = _worker_pid(proc.pid, 2)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        rc, elapsed, out = _finish(proc, lines, time.monotonic())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    assert rc != 0 and elapsed < BOUND_S, f"rc {rc}, {elapsed:.1f} s"
+    reports = [line for line in out.splitlines() if line.startswith("training failed:")]
+    assert any("Timed out" in r or "timed out" in r for r in reports), "\n".join(reports)
+    assert any("rank 2 (expert pool" in r and "stopped reporting" in r for r in reports), "\n".join(reports)
+    print(f"SIGSTOP of rank 2 (expert): job exited in {elapsed:.1f} s")
 
 
 def test_exception_on_an_expert_rank_is_reported_as_the_first_failure(tmp_path):
