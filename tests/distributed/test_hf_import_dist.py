@@ -31,9 +31,11 @@ LAYOUTS = {
     "ep2": (2, dict(disagmoe={"mode": "colocated"}, parallelism={"expert_parallel_degree": 2},
                     training={"local_batch_size": 1})),
     "af_pipe-A1F2": (3, _af_pipe(1, 2)),
-    "af_pipe-A2F2p2": (4, _af_pipe(2, 2, 2)),
+    # These two load through torchtitan's CheckpointManager (checkpointing on), the others
+    # without it (checkpoint.enable = false).
+    "af_pipe-A2F2p2": (4, {**_af_pipe(2, 2, 2), "checkpoint": {"enable": True}}),
     "ep2-edp2": (4, dict(disagmoe={"mode": "colocated"}, parallelism={"expert_parallel_degree": 2},
-                         training={"local_batch_size": 1})),
+                         training={"local_batch_size": 1}, checkpoint={"enable": True})),
 }
 CASES = [("qwen3_moe", "af_pipe-A1F1"), ("qwen3_moe", "ep2"), ("deepseek_moe", "af_pipe-A1F1"),
          ("deepseek_moe", "ep2"), ("qwen3_moe", "af_pipe-A1F2"), ("deepseek_moe", "af_pipe-A2F2p2"),
