@@ -2,7 +2,8 @@
 gathered model equals the single model the HF checkpoint was written from. Layouts: af_pipe
 A1 F1 (attention side on rank 0, routed experts on rank 1), A1 F2 (experts split over 2
 ranks), A2 F2 p2 (each rank holds every other layer); colocated EP 2 (FSDP2 shards and half
-the experts per rank, as DTensors) and EP 2 x EDP 2 on 4 ranks (experts also replicated).
+the experts per rank, as DTensors), EP 2 x EDP 2 on 4 ranks (experts also replicated) and
+pipeline parallel 2 (each rank holds half the layers).
 
 Run: .venv/bin/python -m pytest -q tests/distributed/test_hf_import_dist.py
 """
@@ -31,6 +32,8 @@ LAYOUTS = {
     "ep2": (2, dict(disagmoe={"mode": "colocated"}, parallelism={"expert_parallel_degree": 2},
                     training={"local_batch_size": 1})),
     "af_pipe-A1F2": (3, _af_pipe(1, 2)),
+    "pp2": (2, dict(disagmoe={"mode": "colocated"}, parallelism={
+        "pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "1F1B", "expert_parallel_degree": 1})),
     # These two load through torchtitan's CheckpointManager (checkpointing on), the others
     # without it (checkpoint.enable = false).
     "af_pipe-A2F2p2": (4, {**_af_pipe(2, 2, 2), "checkpoint": {"enable": True}}),
@@ -39,7 +42,7 @@ LAYOUTS = {
 }
 CASES = [("qwen3_moe", "af_pipe-A1F1"), ("qwen3_moe", "ep2"), ("deepseek_moe", "af_pipe-A1F1"),
          ("deepseek_moe", "ep2"), ("qwen3_moe", "af_pipe-A1F2"), ("deepseek_moe", "af_pipe-A2F2p2"),
-         ("qwen3_moe", "ep2-edp2")]
+         ("qwen3_moe", "ep2-edp2"), ("deepseek_moe", "pp2")]
 
 
 def load_and_gather(config, cache_dir: str) -> dict[str, torch.Tensor]:
