@@ -21,6 +21,11 @@ Semantics:
   durations.
 - An op is finished when it has finished on every rank that runs it; a transfer's data
   arrives ``latency_fn(op)`` after its links are free.
+- Shared cores (``cores``): ranks on one host (``host_of``) share its cores; at most
+  ``cores`` compute ops run at once per host, the others wait (non-preemptive; a freed
+  core goes to the rank that has waited longest, then the lowest rank). This is how 4
+  one-thread ranks on a 2-core CPU behave, to first order: the OS time-shares the cores,
+  the total compute rate is the host's. None: every rank has its own core.
 
 Output: makespan and per-rank busy intervals; ``draw_timeline`` renders them as a PNG.
 A deadlock (ops that can never start) raises ValueError naming each rank's next op.
@@ -38,11 +43,12 @@ Op = tuple[str, int, int]
 """(op name, layer, micro-batch)."""
 
 TRANSFER_OPS = frozenset({"dispatch", "combine", "residual", "dispatch_grad", "combine_grad", "residual_grad"})
+COLLECTIVE_PREFIXES = ("send", "recv", "all_to_all", "p2p", "all_gather", "reduce_scatter", "all_reduce")
 DepsFn = Callable[[Op], Iterable[Op]]
 
 
 def is_transfer(name: str) -> bool:
-    return name in TRANSFER_OPS or name.startswith(("send", "recv", "all_to_all", "p2p"))
+    return name in TRANSFER_OPS or name.startswith(COLLECTIVE_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def _participants(programs: Mapping[int, list[Op]]) -> dict[Op, list[int]]:
 def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op, int], float],
              deps: DepsFn | Mapping[Op, Iterable[Op]] | None = None, blocking: bool = False,
              is_sender: Callable[[Op, int], bool] | None = None,
-             latency_fn: Callable[[Op], float] | None = None) -> SimResult:
+             latency_fn: Callable[[Op], float] | None = None, cores: int | None = None,
+             host_of: Callable[[int], int] | None = None) -> SimResult:
     """Replay the lists (module docstring); returns makespan and busy intervals.
 
     Args:
@@ -103,8 +110,14 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
         is_sender: ``(transfer op, rank) -> bool``; None: half-duplex links.
         latency_fn: ``transfer op -> seconds`` its data arrives after the link is free
             again (latency delays the consumer, it does not occupy the link); None: 0.
+        cores: compute ops that may run at once per host (module docstring); None: no limit.
+        host_of: ``rank -> host``; None: all ranks on one host.
     """
-    return _Simulation(program_per_rank, duration_fn, _deps_fn(deps), blocking, is_sender, latency_fn).run()
+    if cores is not None and cores < 1:
+        raise ValueError(f"cores = {cores} must be >= 1 (or None: no limit)")
+    sim = _Simulation(program_per_rank, duration_fn, _deps_fn(deps), blocking, is_sender, latency_fn)
+    sim.cores, sim.host_of = cores, host_of or (lambda rank: 0)
+    return sim.run()
 
 
 class _Simulation:
@@ -128,6 +141,10 @@ class _Simulation:
         self.events: list[tuple[float, int, Op, tuple[int, ...]]] = []
         self.seq = 0
         self.result = SimResult(0.0, {r: [] for r in self.programs}, {})
+        self.cores: int | None = None
+        self.host_of: Callable[[int], int] = lambda rank: 0
+        self.running: dict[int, int] = defaultdict(int)  # host -> compute ops running
+        self.waiting_since: dict[int, float] = {}  # rank -> when it first waited for a core
 
     def run(self) -> SimResult:
         now = 0.0
@@ -155,7 +172,9 @@ class _Simulation:
     def _advance_ranks(self, now: float) -> bool:
         """Let every idle rank start its next compute op or post its next transfers."""
         changed = False
-        for rank, ops in self.programs.items():
+        order = sorted(self.programs, key=lambda r: (self.waiting_since.get(r, now), r))
+        for rank in order:
+            ops = self.programs[rank]
             while (self.pos[rank] < len(ops) and rank not in self.blocked_on
                    and self.busy_until[rank] <= now):
                 op = ops[self.pos[rank]]
@@ -166,6 +185,12 @@ class _Simulation:
                     if self.blocking:
                         self.blocked_on[rank] = op
                 elif self._deps_done(op):
+                    host = self.host_of(rank)
+                    if self.cores is not None and self.running[host] >= self.cores:
+                        self.waiting_since.setdefault(rank, now)
+                        break
+                    self.waiting_since.pop(rank, None)
+                    self.running[host] += 1
                     end = now + self._duration(op, [rank])
                     self.busy_until[rank] = end
                     self.result.intervals[rank].append(Interval(rank, op, now, end, "compute"))
@@ -209,6 +234,9 @@ class _Simulation:
         self.seq += 1
 
     def _finished(self, op: Op, ranks: tuple[int, ...], now: float) -> None:
+        if not is_transfer(op[0]):
+            for r in ranks:
+                self.running[self.host_of(r)] -= 1
         self.ends[op] += [now] * len(ranks)
         if len(self.ends[op]) == len(self.members[op]):
             self.result.finish[op] = max(self.ends.pop(op))

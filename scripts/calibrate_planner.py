@@ -1,0 +1,105 @@
+"""Predicted vs measured step time of real runs on this CPU (docs/planner.md, section 8).
+
+1. Calibrate (``planner/calibrate.py``, cached; ``--refresh`` measures again): the
+   runtime's stage functions on one thread, fitted a + b x, and gloo costs.
+2. Predict (``planner/cpu_predict.py``) af_pipe layouts (A 1-2, F 1-2, p 1-2, micro-batches
+   1, 2, 4) and colocated EP on 2 and 4 ranks, all at the same global batch.
+3. With ``--measure``: run each configuration for real (torchrun, gloo, the debug job
+   file), ``--repeats`` times, and take the median over runs of each run's median step
+   time after ``--warmup`` steps; print the table with the error.
+
+    python scripts/calibrate_planner.py                    # predictions only (~1 min first time)
+    python scripts/calibrate_planner.py --measure --repeats 2 --json out.json
+    python scripts/calibrate_planner.py --measure --only "af_pipe A1 F1 p1 m2"
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from torchtitan_disagmoe.planner.calibrate import calibrate  # noqa: E402
+from torchtitan_disagmoe.planner.cpu_predict import AF_GRID, ModelShape, predict_af_pipe, predict_colocated  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(kind: str, cfg: tuple, global_batch: int, steps: int, warmup: int, config: str) -> float:
+    """One real run; the median ``elapsed_s`` of the steps after ``warmup``."""
+    if kind == "af_pipe":
+        a, f, p, m = cfg
+        world, dp = a + f, a // p
+        over = {"disagmoe.mode": "af_pipe", "disagmoe.attention_ranks": a, "disagmoe.expert_ranks": f,
+                "disagmoe.pipeline_depth": p, "disagmoe.microbatches": m}
+    else:
+        (world,) = cfg
+        dp = world
+        over = {"disagmoe.mode": "colocated", "parallelism.expert_parallel_degree": world}
+    over.update({"training.local_batch_size": global_batch // dp, "training.steps": steps, "metrics.log_freq": 1,
+                 "checkpoint.enable": "false", "metrics.enable_tensorboard": "false", "metrics.timeline_step": 0})
+    with tempfile.TemporaryDirectory() as dump:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+               "--master-port", str(_free_port()), "-m", "torchtitan_disagmoe.train", "--job.config_file", config,
+               "--job.dump_folder", dump] + [x for k, v in over.items() for x in (f"--{k}", str(v))]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (Path(dump) / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["elapsed_s"] for r in rows if r["step"] > warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--global-batch", type=int, default=8, help="sequences per step, every layout")
+    parser.add_argument("--measure", action="store_true", help="run the real jobs too")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--refresh", action="store_true", help="measure the calibration again")
+    parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--config", default="train_configs/debug_model.toml")
+    parser.add_argument("--json", default="", help="write the table here")
+    args = parser.parse_args()
+    cal = calibrate(refresh=args.refresh)
+    shape = ModelShape.of()
+    configs = [("af_pipe", c, predict_af_pipe(cal, *c, global_batch=args.global_batch, shape=shape)) for c in AF_GRID]
+    configs += [("colocated", (w,), predict_colocated(cal, w, args.global_batch, shape=shape)) for w in (2, 4)]
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    rows = []
+    print(f"{'configuration':30} {'predicted s':>11} {'(fwd/bwd':>9} {'tail)':>7} {'measured s':>11} {'runs':>16} "
+          f"{'error':>7}")
+    for kind, cfg, pred in configs:
+        if only and pred.name not in only:
+            continue
+        runs = []
+        if args.measure:
+            for _ in range(args.repeats):
+                runs.append(run_config(kind, cfg, args.global_batch, args.steps, args.warmup, args.config))
+        measured = statistics.median(runs) if runs else None
+        err = (pred.step_s - measured) / measured * 100 if measured else None
+        rows.append({"configuration": pred.name, "predicted_s": pred.step_s, "forward_backward_s": pred.forward_backward_s,
+                     "tail_s": pred.tail_s, "measured_s": measured, "runs_s": runs, "error_pct": err,
+                     "time": time.strftime("%H:%M:%S")})
+        print(f"{pred.name:30} {pred.step_s:11.4f} {pred.forward_backward_s:9.4f} {pred.tail_s:7.4f} "
+              f"{measured if measured else float('nan'):11.4f} {' '.join(f'{r:.3f}' for r in runs):>16} "
+              f"{err if err is not None else float('nan'):+6.1f}%", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"global_batch": args.global_batch, "calibration": cal.to_json(),
+                                               "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Calibration of the planner on this CPU: time the real stage code and gloo, then fit.
+
+What a step of the debug models costs on a 2-core CPU is dominated by fixed costs (Python
+and dispatch per stage, ~1 ms per gloo message), not by FLOPs, so the roofline rates of
+``this_machine.py`` alone cannot predict it. This module measures, with one torch thread
+(what each rank gets when ranks >= cores):
+
+- ``measure_stages``: the runtime's own stage functions (``af_stages``) in one process,
+  forward and backward, at several token counts, each fitted as ``a + b * x``
+  (``Linear``): attention layer (x = tokens, per expert-parallel degree: the dispatch
+  split loops over expert ranks), head (x = tokens), experts (x = routed copies, per
+  number of local experts), the optimizer step (x = parameters: zero_grad, the
+  gradient-norm pass, AdamW).
+- ``measure_comm``: gloo between ``world`` spawned processes (1 thread each): per-message
+  latency and bandwidth of point-to-point ping-pong, the CPU time of posting an
+  asynchronous batch of sends, and the latency of a small all_reduce / all_to_all.
+
+The fits are cached as JSON next to ``this_machine.json``; ``cpu_predict.py`` turns them
+into step-time predictions through the simulator.
+
+    python -m torchtitan_disagmoe.planner.calibrate [--refresh]   # measure, print the fits
+"""
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .this_machine import cache_file
+
+TOKEN_COUNTS = (128, 256, 512, 1024)
+
+
+@dataclass
+class Linear:
+    """seconds = a + b * x."""
+
+    a: float
+    b: float
+
+    def __call__(self, x: float) -> float:
+        return self.a + self.b * x
+
+
+def fit_linear(xs: list[float], ys: list[float]) -> Linear:
+    """Least-squares line through (x, y); the intercept is clamped at >= 0."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError(f"need >= 2 points of equal length, got {len(xs)} x and {len(ys)} y")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    a = my - b * mx
+    if a < 0:  # no negative fixed cost: refit through the origin
+        a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / max(sum(x * x for x in xs), 1e-30)
+    return Linear(a, max(b, 0.0))
+
+
+@dataclass
+class StageFits:
+    """Fitted per-stage times (seconds) of one model on one thread."""
+
+    model: str
+    attention_forward: dict[int, Linear] = field(default_factory=dict)
+    """expert-parallel degree -> time of one attention layer forward (x = tokens)."""
+    attention_backward: dict[int, Linear] = field(default_factory=dict)
+    head_forward: Linear = field(default_factory=lambda: Linear(0, 0))
+    head_backward: Linear = field(default_factory=lambda: Linear(0, 0))
+    expert_forward: dict[int, Linear] = field(default_factory=dict)
+    """local experts -> time of one expert stage forward (x = routed copies)."""
+    expert_backward: dict[int, Linear] = field(default_factory=dict)
+    optimizer: Linear = field(default_factory=lambda: Linear(0, 0))
+    """zero_grad + gradient norm + AdamW step (x = parameters)."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "StageFits":
+        lin = lambda v: Linear(**v)  # noqa: E731
+        per = lambda m: {int(k): lin(v) for k, v in m.items()}  # noqa: E731
+        return StageFits(d["model"], per(d["attention_forward"]), per(d["attention_backward"]),
+                         lin(d["head_forward"]), lin(d["head_backward"]), per(d["expert_forward"]),
+                         per(d["expert_backward"]), lin(d["optimizer"]))
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _fwd_bwd_times(forward, repeats: int) -> tuple[float, float]:
+    """Median forward and backward time of ``forward() -> outputs`` (random output grads)."""
+    fwd, bwd = [], []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        outs = [o for o in forward() if o.requires_grad]
+        mid = time.perf_counter()
+        grads = [torch.randn_like(o) for o in outs]
+        start_bwd = time.perf_counter()
+        torch.autograd.backward(outs, grads)
+        end = time.perf_counter()
+        if i:  # the first is a warm-up
+            fwd.append(mid - start)
+            bwd.append(end - start_bwd)
+    return min(fwd), min(bwd)  # the intrinsic cost: other load on the host only adds
+
+
+def build_model(name: str, flavor: str, seed: int = 0):
+    """The full model on CPU, initialised as the trainer does."""
+    from torchtitan_disagmoe.models import get_model_spec
+    from torchtitan_disagmoe.models.init import init_model_weights_
+
+    spec = get_model_spec(name)
+    args = spec.get_flavor(flavor)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    model.to_empty(device="cpu")
+    init_model_weights_(model, lambda n: spec.init_rule(n, args.dim), seed)
+    return model, args
+
+
+def _random_routing_rows(tokens: int, num_experts: int, top_k: int, ep: int, dim: int):
+    """Rows one expert rank receives for ``tokens`` uniformly routed tokens."""
+    ids_TK = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
+    epr = num_experts // ep
+    here_TK = (ids_TK // epr) == 0
+    rows = here_TK.any(dim=1).nonzero().squeeze(1)
+    local_MK = torch.where(here_TK[rows], ids_TK[rows], -1)
+    weights_MK = torch.where(here_TK[rows], torch.rand(len(rows), top_k), 0.0)
+    return torch.randn(len(rows), dim), weights_MK, local_MK, int(here_TK.sum())
+
+
+def measure_stages(name: str = "qwen3_moe", flavor: str = "debug", seq_len: int = 128,
+                   token_counts=TOKEN_COUNTS, eps=(1, 2), expert_eps=(1, 2, 4),
+                   repeats: int = 7) -> StageFits:
+    """Time the runtime's stage functions on one thread and fit each (module docstring)."""
+    from torchtitan_disagmoe.distributed.af_stages import attention_layer_forward, head_forward, leaf, \
+        run_local_experts
+    from torchtitan_disagmoe.models.moe import GroupedExperts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model, args = build_model(name, flavor)
+        moe_layer = next(i for i in range(args.n_layers) if args.is_moe_layer(i))
+        block = model.layers[str(moe_layer)]
+        fits = StageFits(f"{name}/{flavor}")
+        samples: dict[str, tuple[list, list]] = {}
+
+        def add(key, x, y):
+            samples.setdefault(key, ([], []))
+            samples[key][0].append(x)
+            samples[key][1].append(y)
+
+        for tokens in token_counts:
+            batch = max(1, tokens // seq_len)
+            x = torch.randn(batch, seq_len, args.dim)
+            for ep in eps:
+                f, b = _fwd_bwd_times(lambda: _attention_outputs(block, leaf(x), model.rope_cache, ep,
+                                                                 args.moe.num_experts // ep,
+                                                                 attention_layer_forward), repeats)
+                add(f"attention_forward/{ep}", tokens, f)
+                add(f"attention_backward/{ep}", tokens, b)
+            labels = torch.randint(0, args.vocab_size, (batch, seq_len))
+            f, b = _fwd_bwd_times(lambda: [head_forward(model, leaf(x), labels, 1.0)[0]], repeats)
+            add("head_forward", tokens, f)
+            add("head_backward", tokens, b)
+            for ep in expert_eps:
+                e = args.moe.num_experts // ep
+                experts = GroupedExperts(args.dim, args.moe_inter_dim, e)
+                for w in (experts.w1, experts.w2, experts.w3):
+                    torch.nn.init.normal_(w, std=0.02)
+                x_MD, w_MK, ids_MK, copies = _random_routing_rows(tokens, args.moe.num_experts,
+                                                                  args.moe.top_k, ep, args.dim)
+                f, b = _fwd_bwd_times(lambda: [run_local_experts(experts, leaf(x_MD), leaf(w_MK), ids_MK)],
+                                      repeats)
+                add(f"expert_forward/{e}", copies, f)
+                add(f"expert_backward/{e}", copies, b)
+        for key, (xs, ys) in samples.items():
+            kind, _, sub = key.partition("/")
+            fit = fit_linear(xs, ys)
+            if sub:
+                getattr(fits, kind)[int(sub)] = fit
+            else:
+                setattr(fits, kind, fit)
+        fits.optimizer = _measure_optimizer(model, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return fits
+
+
+def _attention_outputs(block, x, rope_cache, ep, experts_per_rank, attention_layer_forward):
+    h, rows = attention_layer_forward(block, x, rope_cache, ep, experts_per_rank)
+    return [h] + [t for r in rows for t in (r.x_nD, r.weights_nK)]
+
+
+def _measure_optimizer(model, repeats: int) -> Linear:
+    """zero_grad + per-tensor norm pass + AdamW over growing parts of the model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    xs, ys = [], []
+    for frac in (0.25, 0.5, 1.0):
+        part = params[: max(1, int(len(params) * frac))]
+        for p in part:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(part, lr=1e-4)
+
+        def step():
+            norm = torch.stack([p.grad.norm() for p in part]).norm()
+            torch.nn.utils.clip_grads_with_norm_(part, 1.0, norm)
+            opt.step()
+        xs.append(sum(p.numel() for p in part))
+        ys.append(_median_time(step, repeats))
+    for p in params:
+        p.grad = None
+    return fit_linear(xs, ys)
+
+
+# ---- gloo -----------------------------------------------------------------------------------
+def _comm_worker(rank: int, world: int, port: int, out_file: str, reps: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    res = {}
+    for label, numel in (("small", 1), ("large", 2**20)):  # 4 MiB
+        t = torch.zeros(numel)
+        dist.barrier()
+        times = []
+        for _ in range(reps):  # ping-pong: one message each way; medians resist other load
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(t, 1)
+                dist.recv(t, 1)
+            elif rank == 1:
+                dist.recv(t, 0)
+                dist.send(t, 0)
+            times.append((time.perf_counter() - start) / 2)
+        res[label] = statistics.median(times)
+    ts = [torch.zeros(2**14) for _ in range(3)]  # posting cost of an async batch (3 payloads + count)
+    dist.barrier()
+    post = []
+    for i in range(reps):
+        if rank == 0:
+            start = time.perf_counter()
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, 1, tag=4 * i + j) for j, t in enumerate(ts)]
+                                           + [dist.P2POp(dist.isend, torch.ones(1), 1, tag=4 * i + 3)])
+            post.append(time.perf_counter() - start)
+            for w in works:
+                w.wait()
+        elif rank == 1:
+            bufs = [torch.empty_like(t) for t in ts] + [torch.empty(1)]
+            for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, 0, tag=4 * i + j) for j, b in enumerate(bufs)]):
+                w.wait()
+    res["post"] = statistics.median(post) if post else 0.0
+    x, y = torch.zeros(world * 16), torch.empty(world * 16)
+    colls = {"all_reduce": lambda: dist.all_reduce(x), "all_to_all": lambda: dist.all_to_all_single(y, x),
+             "all_gather": lambda: dist.all_gather_into_tensor(y, x[:16]),
+             "reduce_scatter": lambda: dist.reduce_scatter_tensor(x[:16], y)}
+    for coll, fn in colls.items():
+        times = []
+        dist.barrier()
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        res[coll] = statistics.median(times)
+    if rank == 0:
+        bw = 2**20 * 4 / max(res["large"] - res["small"], 1e-6)
+        Path(out_file).write_text(json.dumps({"latency": res["small"], "bandwidth": bw, **res}))
+    dist.destroy_process_group()
+
+
+def measure_comm(world: int = 2, reps: int = 30) -> dict:
+    """gloo costs between ``world`` local processes (1 thread each): ``latency`` (s per
+    small message, one way), ``bandwidth`` (B/s), ``post`` (CPU s to post an async batch),
+    ``all_reduce`` and ``all_to_all`` (s per small collective over all ``world``)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "comm.json")
+        mp.spawn(_comm_worker, args=(world, port, out, reps), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+@dataclass
+class Calibration:
+    """Everything the CPU prediction needs: stage fits, gloo per world size, cores."""
+
+    cores: int
+    stages: StageFits
+    comm: dict[int, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"cores": self.cores, "stages": self.stages.to_json(), "comm": {str(k): v for k, v in self.comm.items()}}
+
+    @staticmethod
+    def from_json(d: dict) -> "Calibration":
+        return Calibration(int(d["cores"]), StageFits.from_json(d["stages"]),
+                           {int(k): v for k, v in d["comm"].items()})
+
+
+def calibration_file(model: str = "qwen3_moe/debug") -> Path:
+    return cache_file().parent / f"calibration_{model.replace('/', '_')}.json"
+
+
+def calibrate(name: str = "qwen3_moe", flavor: str = "debug", worlds=(2, 3, 4), refresh: bool = False,
+              path: Path | None = None) -> Calibration:
+    """Cached calibration of ``name/flavor`` (measured when absent or ``refresh``)."""
+    path = path or calibration_file(f"{name}/{flavor}")
+    if path.exists() and not refresh:
+        return Calibration.from_json(json.loads(path.read_text()))
+    cal = Calibration(os.cpu_count() or 1, measure_stages(name, flavor), {w: measure_comm(w) for w in worlds})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cal.to_json(), indent=1))
+    return cal
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3_moe")
+    parser.add_argument("--flavor", default="debug")
+    parser.add_argument("--refresh", action="store_true")
+    a = parser.parse_args()
+    print(json.dumps(calibrate(a.model, a.flavor, refresh=a.refresh).to_json(), indent=1))

@@ -1,0 +1,209 @@
+"""Step time of real runs on this CPU, predicted from the calibration (``calibrate.py``).
+
+A step is forward/backward plus a tail (gradient reduction, clipping, optimizer, metrics):
+
+- af_pipe: the runtime's own action lists (``programs.schedule_program_per_rank``) are
+  replayed by the simulator with every stage's time from the fitted single-thread stage
+  costs at this layout's token counts, every transfer taking bytes / gloo bandwidth and
+  arriving one gloo latency later (two for dispatch and combine: their row counts go
+  first), and the host's cores shared (``simulate(cores=...)``: with more ranks than
+  cores, at most ``cores`` stages run at once).
+- colocated EP: every rank runs the same list (per layer: FSDP all-gather, attention,
+  all-to-all of counts and rows, experts, all-to-all back; backward reversed with the
+  reduce-scatter), collectives blocking on all ranks, cores shared the same way.
+- tail: the optimizer step of each rank's parameters (shared cores: at least the sum
+  over ranks / cores), the small all-reduces the trainer makes per step (loss, gradient
+  norm, routing counts, metrics) and, for af_pipe with dp > 1, one all-reduce per
+  attention parameter tensor.
+
+    from torchtitan_disagmoe.planner.calibrate import calibrate
+    from torchtitan_disagmoe.planner.cpu_predict import predict_af_pipe
+    predict_af_pipe(calibrate(), attention=2, expert=2, depth=1, microbatches=2, global_batch=8)
+"""
+
+from dataclasses import dataclass
+
+from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
+
+from .calibrate import Calibration, Linear, StageFits, build_model
+from .programs import af_dependencies, af_sender_fn, schedule_program_per_rank
+from .simulate import Op, is_transfer, simulate
+
+TRAINER_ALL_REDUCES = {"af_pipe": 5, "colocated": 4}
+"""Small all-reduces per step outside forward/backward (trainer.optimizer_step and the
+layout's step_metrics): af_pipe mean loss, gradient norm, routing counts, 2 x metrics;
+colocated the same with one metrics reduction."""
+
+
+@dataclass
+class Prediction:
+    name: str
+    step_s: float
+    forward_backward_s: float
+    tail_s: float
+
+
+@dataclass
+class ModelShape:
+    """What the prediction needs from the model (from the registry)."""
+
+    n_layers: int
+    moe_layers: list[bool]
+    dim: int
+    top_k: int
+    num_experts: int
+    attention_params: dict[int, int]
+    """layer -> parameters on the attention side (the head's as layer n_layers, embedding as -1)."""
+    expert_params: dict[int, int]
+    attention_tensors: dict[int, int]
+
+    @staticmethod
+    def of(name: str = "qwen3_moe", flavor: str = "debug") -> "ModelShape":
+        model, args = build_model(name, flavor)
+        attn, expert, tensors = {}, {}, {}
+        for pname, p in model.named_parameters():
+            parts = pname.split(".")
+            layer = int(parts[1]) if parts[0] == "layers" else (-1 if parts[0] == "tok_embeddings" else args.n_layers)
+            target = expert if ".moe.experts." in pname else attn
+            target[layer] = target.get(layer, 0) + p.numel()
+            if target is attn:
+                tensors[layer] = tensors.get(layer, 0) + 1
+        return ModelShape(args.n_layers, [args.is_moe_layer(i) for i in range(args.n_layers)], args.dim,
+                          args.moe.top_k, args.moe.num_experts, attn, expert, tensors)
+
+
+def _nearest(fits: dict[int, Linear], key: int) -> Linear:
+    return fits[key] if key in fits else fits[min(fits, key=lambda k: abs(k - key))]
+
+
+def _copies_on_expert_rank(shape: ModelShape, tokens: float, ep: int) -> float:
+    return tokens * shape.top_k / ep  # uniform routing: each rank gets 1/ep of the copies
+
+
+def _rows_per_expert_rank(shape: ModelShape, tokens: float, ep: int) -> float:
+    """Expected rows (token, expert rank) one attention rank sends one expert rank."""
+    from math import comb
+    e, k = shape.num_experts, shape.top_k
+    return tokens * (1 - comb(e - e // ep, k) / comb(e, k))
+
+
+def _tail(cal: Calibration, params_per_rank: list[int], all_reduces: int, world: int,
+          extra_s: float = 0.0) -> float:
+    opt = [cal.stages.optimizer(n) for n in params_per_rank]
+    optimizer_s = max(max(opt), sum(opt) / cal.cores)
+    return optimizer_s + all_reduces * cal.comm[world]["all_reduce"] + extra_s
+
+
+def _comm(cal: Calibration, world: int) -> dict:
+    return cal.comm[world] if world in cal.comm else cal.comm[min(cal.comm, key=lambda w: abs(w - world))]
+
+
+def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, microbatches: int,
+                    global_batch: int, seq_len: int = 128, shape: ModelShape | None = None,
+                    cores: int | None = None) -> Prediction:
+    """Predicted step time of an af_pipe run (module docstring); ``global_batch`` sequences."""
+    shape = shape or ModelShape.of()
+    dims = DisaggDims(attention, expert, depth, shape.n_layers, shape.num_experts)
+    dims.validate(attention + expert)
+    world, dp, ep, st = attention + expert, dims.dp, dims.ep, cal.stages
+    if global_batch % (dp * microbatches):
+        raise ValueError(f"global_batch = {global_batch} must split into dp = {dp} x {microbatches} micro-batches")
+    tokens = global_batch // dp * seq_len / microbatches  # per attention rank and micro-batch
+    comm = _comm(cal, world)
+    programs = schedule_program_per_rank(dims, shape.moe_layers, microbatches)
+    is_attention = lambda r: r < attention  # noqa: E731
+    row_bytes = {"dispatch": 4 * shape.dim + 4 * shape.top_k + 8 * (shape.top_k + 1), "combine": 4 * shape.dim + 8,
+                 "dispatch_grad": 4 * shape.dim + 4 * shape.top_k, "combine_grad": 4 * shape.dim}
+    rows = _rows_per_expert_rank(shape, tokens, ep)
+
+    def duration(op: Op, rank: int) -> float:
+        name, layer, _ = op
+        if is_transfer(name):
+            if name.startswith("residual"):
+                return tokens * 4 * shape.dim / comm["bandwidth"]
+            n = rows * (ep if is_attention(rank) else dp)  # an A rank sends ep blocks, an F rank gets dp
+            return n * row_bytes[name] / comm["bandwidth"]
+        return _stage_time(st, shape, name, layer, tokens, dp, ep)
+
+    latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)  # noqa: E731
+    sender = af_sender_fn(is_attention, lambda r: dims.role(r).group, depth)
+    result = simulate(programs, duration, af_dependencies(shape.n_layers, shape.moe_layers, depth),
+                      is_sender=sender, latency_fn=latency, cores=cores or cal.cores)
+    params, extra = [], 0.0
+    for r in range(world):
+        role = dims.role(r)
+        layers = dims.layers_of_group(role.group)
+        if role.pool == "attention":
+            own = layers + ([-1] if role.group == 0 else []) + ([shape.n_layers] if role.group == dims.head_group else [])
+            params.append(sum(shape.attention_params.get(layer, 0) for layer in own))
+            if dp > 1:
+                n = sum(shape.attention_tensors.get(layer, 0) for layer in own)
+                extra = max(extra, n * _comm(cal, dp)["all_reduce"])
+        else:
+            params.append(sum(shape.expert_params.get(layer, 0) for layer in layers) // ep)
+    tail = _tail(cal, params, TRAINER_ALL_REDUCES["af_pipe"], world if world in cal.comm else max(cal.comm), extra)
+    name = f"af_pipe A{attention} F{expert} p{depth} m{microbatches}"
+    return Prediction(name, result.makespan + tail, result.makespan, tail)
+
+
+def _stage_time(st: StageFits, shape: ModelShape, name: str, layer: int, tokens: float, dp: int, ep: int) -> float:
+    if name.startswith("attention"):
+        if layer == shape.n_layers:
+            fit = st.head_forward if name.endswith("forward") else st.head_backward
+        else:
+            fit = _nearest(st.attention_forward if name.endswith("forward") else st.attention_backward, ep)
+        return fit(tokens)
+    e = shape.num_experts // ep
+    fit = _nearest(st.expert_forward if name.endswith("forward") else st.expert_backward, e)
+    return fit(_copies_on_expert_rank(shape, tokens * dp, ep))
+
+
+def colocated_program(n_layers: int) -> list[Op]:
+    """One rank's ops in a colocated EP step (FSDP2 per block, all-to-all per MoE layer)."""
+    ops: list[Op] = [("all_gather_root", -1, 0)]
+    for l in range(n_layers):
+        ops += [("all_gather", l, 0), ("attention_forward", l, 0), ("all_to_all_counts", l, 0),
+                ("all_to_all_dispatch", l, 0), ("expert_forward", l, 0), ("all_to_all_combine", l, 0)]
+    ops += [("attention_forward", n_layers, 0), ("attention_backward", n_layers, 0)]
+    for l in reversed(range(n_layers)):
+        ops += [("all_gather_bwd", l, 0), ("all_to_all_combine_grad", l, 0), ("expert_backward", l, 0),
+                ("all_to_all_dispatch_grad", l, 0), ("attention_backward", l, 0), ("reduce_scatter", l, 0)]
+    return ops + [("reduce_scatter_root", -1, 0)]
+
+
+def predict_colocated(cal: Calibration, world: int, global_batch: int, seq_len: int = 128,
+                      shape: ModelShape | None = None, cores: int | None = None) -> Prediction:
+    """Predicted step time of colocated EP over ``world`` ranks (EP = FSDP = world)."""
+    shape = shape or ModelShape.of()
+    if global_batch % world:
+        raise ValueError(f"global_batch = {global_batch} must be a multiple of world = {world}")
+    tokens, st, comm = global_batch // world * seq_len, cal.stages, _comm(cal, world)
+    programs = {r: colocated_program(shape.n_layers) for r in range(world)}
+    copy_bytes = tokens * shape.top_k * (world - 1) / world * 4 * shape.dim  # rows leaving the rank
+
+    def duration(op: Op, rank: int) -> float:
+        name, layer, _ = op
+        if name.startswith("all_to_all"):
+            nbytes = 0 if name.endswith("counts") else copy_bytes
+            return comm["all_to_all"] + nbytes / comm["bandwidth"]
+        if name.startswith(("all_gather", "reduce_scatter")):
+            nbytes = (shape.attention_params.get(layer, 0) + (shape.attention_params.get(shape.n_layers, 0)
+                                                             if layer < 0 else 0)) * 4
+            kind = "all_gather" if name.startswith("all_gather") else "reduce_scatter"
+            return comm[kind] + nbytes * (world - 1) / world / comm["bandwidth"]
+        if name.startswith("expert"):  # every rank gets tokens * K copies on average
+            fit = _nearest(st.expert_forward if name.endswith("forward") else st.expert_backward,
+                           shape.num_experts // world)
+            return fit(tokens * shape.top_k)
+        return _stage_time(st, shape, name, layer, tokens, 1, 1)
+
+    result = simulate(programs, duration, blocking=True, cores=cores or cal.cores)
+    total_attn = sum(shape.attention_params.values())
+    params = [(total_attn + sum(shape.expert_params.values())) // world] * world
+    tail = _tail(cal, params, TRAINER_ALL_REDUCES["colocated"], world if world in cal.comm else max(cal.comm))
+    return Prediction(f"colocated EP world {world}", result.makespan + tail, result.makespan, tail)
+
+
+AF_GRID = [(a, f, p, m) for a, f, p in ((1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2))
+           for m in (1, 2, 4)]
+"""The validation grid: attention 1-2, expert 1-2, p 1-2, micro-batches 1, 2, 4."""
