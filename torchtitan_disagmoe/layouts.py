@@ -79,9 +79,11 @@ class ColocatedLayout:
         self.has_timeline = False  # no action list to draw
 
     def describe(self) -> str:
-        overlap = f", all-to-all overlapped over {_overlap_chunks(self.config)} chunks" if _overlap_chunks(
-            self.config) else ""
-        return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}{overlap}"
+        return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}{self._overlap()}"
+
+    def _overlap(self) -> str:
+        chunks = _overlap_chunks(self.config)
+        return f", all-to-all overlapped over {chunks} token chunks" if chunks else ""
 
     def forward_backward(self, inputs, labels) -> torch.Tensor:
         logits = self.model(inputs.to(self.device))
@@ -100,10 +102,10 @@ class ColocatedLayout:
 
     def step_metrics(self, device: torch.device) -> dict[str, float]:
         """All-to-all bytes sent to other ranks per step, all ranks (collective)."""
+        if not self.dims.ep_enabled:  # the same on every rank (a pipeline stage may hold no MoE layer)
+            return {}
         dispatchers = [m.dispatcher for m in self.model.modules()
                        if isinstance(getattr(m, "dispatcher", None), AllToAllTokenDispatcher)]
-        if not dispatchers:
-            return {}
         values = torch.zeros(2, dtype=torch.float64)
         for d in dispatchers:
             values += torch.tensor([d.bytes_sent["dispatch"], d.bytes_sent["combine"]], dtype=torch.float64)
@@ -157,7 +159,7 @@ class PipelinedColocatedLayout(ColocatedLayout):
         par = self.config.parallelism
         return (f"colocated pipeline: pp {self.dims.pp} x dp {self.dims.dp} ranks, {par.pipeline_parallel_schedule}, "
                 f"{self.num_stages} stages, {self.microbatches} micro-batches; FSDP2 over dp, expert parallel "
-                f"{self.dims.ep}; this rank: stages {self.stage_ids}")
+                f"{self.dims.ep}{self._overlap()}; this rank: stages {self.stage_ids}")
 
     def forward_backward(self, inputs, labels) -> torch.Tensor | None:
         args = (inputs.to(self.device),) if self.has_first else ()
