@@ -298,5 +298,7 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.stop()
+        if self.world_size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.metrics.close()
         self.checkpointer.close()
