@@ -72,7 +72,12 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--config", default="train_configs/debug_model.toml")
     parser.add_argument("--json", default="", help="write the table here")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="run calibration and jobs at this niceness (< 0 needs root): on a shared "
+                             "host, shields the measurements from other users' load")
     args = parser.parse_args()
+    if args.nice:
+        os.nice(args.nice)  # inherited by every process started below
     cal = calibrate(refresh=args.refresh)
     shape = ModelShape.of()
     configs = [("af_pipe", c, predict_af_pipe(cal, *c, global_batch=args.global_batch, shape=shape)) for c in AF_GRID]
@@ -84,14 +89,15 @@ def main() -> None:
     for kind, cfg, pred in configs:
         if only and pred.name not in only:
             continue
-        runs = []
+        runs, loads = [], []
         if args.measure:
             for _ in range(args.repeats):
                 runs.append(run_config(kind, cfg, args.global_batch, args.steps, args.warmup, args.config))
+                loads.append(os.getloadavg()[0])
         measured = statistics.median(runs) if runs else None
         err = (pred.step_s - measured) / measured * 100 if measured else None
         rows.append({"configuration": pred.name, "predicted_s": pred.step_s, "forward_backward_s": pred.forward_backward_s,
-                     "tail_s": pred.tail_s, "measured_s": measured, "runs_s": runs, "error_pct": err,
+                     "tail_s": pred.tail_s, "measured_s": measured, "runs_s": runs, "error_pct": err, "load_avg_1min": loads,
                      "time": time.strftime("%H:%M:%S")})
         print(f"{pred.name:30} {pred.step_s:11.4f} {pred.forward_backward_s:9.4f} {pred.tail_s:7.4f} "
               f"{measured if measured else float('nan'):11.4f} {' '.join(f'{r:.3f}' for r in runs):>16} "

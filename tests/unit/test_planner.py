@@ -271,3 +271,92 @@ def test_memory_policy_and_unknown_model():
         load_model_args("llama", "8B")
     with pytest.raises(ValueError, match="preset"):
         build_cluster("a100", 1)
+
+
+# ---- calibration on this CPU (planner/calibrate.py, cpu_predict.py) -----------------------------
+from torchtitan_disagmoe.planner.calibrate import Calibration, Linear, StageFits, fit_linear  # noqa: E402
+from torchtitan_disagmoe.planner.cpu_predict import (  # noqa: E402
+    AF_GRID,
+    ModelShape,
+    colocated_program,
+    predict_af_pipe,
+    predict_colocated,
+    with_post_ops,
+)
+
+
+def test_simulator_shares_cores():
+    programs = {r: [("attention_forward", 0, r)] for r in range(4)}
+    duration = lambda op, rank: float(op[2] + 1)  # rank r computes r + 1 seconds alone
+    assert simulate(programs, duration).makespan == pytest.approx(4.0)  # a core each
+    # processor sharing, 2 cores: all 4 at rate 1/2 until r0 ends at 2 (r1..r3 have 1, 2, 3
+    # left); 3 at rate 2/3: r1 ends at 3.5; 2 at rate 1: r2 ends at 4.5, r3 at 5.5
+    shared = simulate(programs, duration, cores=2)
+    assert shared.makespan == pytest.approx(5.5)
+    assert [shared.intervals[r][0].end for r in range(4)] == pytest.approx([2.0, 3.5, 4.5, 5.5])
+    assert shared.busy_time(3) == pytest.approx(5.5)  # wall time of the op, not its work
+    # two hosts of one core: r0, r1 at 1/2 (r0 ends at 2, r1 at 3); r2, r3 (r2 at 6, r3 at 7)
+    assert simulate(programs, duration, cores=1, host_of=lambda r: r // 2).makespan == pytest.approx(7.0)
+    # capacity 1.5 (other load takes half a core): rates 3/8, 1/2, 3/4, 1: ends 8/3, 14/3, 6, 7
+    assert simulate(programs, duration, cores=1.5).makespan == pytest.approx(7.0)
+    # a rank waiting for a transfer takes no share: r1 waits for r0's dispatch
+    chain = {0: [("attention_forward", 0, 0), ("dispatch", 0, 0)], 1: [("dispatch", 0, 0), ("expert_forward", 0, 0)],
+             2: [("attention_forward", 1, 0)]}
+    deps = {("dispatch", 0, 0): [("attention_forward", 0, 0)], ("expert_forward", 0, 0): [("dispatch", 0, 0)]}
+    one = lambda op, rank: 1.0
+    # 1 core: r0 and r2 at 1/2 until 2; dispatch [2, 3]; r1 alone [3, 4]
+    assert simulate(chain, one, deps, cores=1).makespan == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="cores"):
+        simulate(programs, duration, cores=0)
+
+
+def test_fit_linear_and_calibration_round_trip():
+    fit = fit_linear([128, 256, 512], [1e-3 + 2e-6 * x for x in (128, 256, 512)])
+    assert fit.a == pytest.approx(1e-3) and fit.b == pytest.approx(2e-6)
+    assert fit(1000) == pytest.approx(3e-3)
+    through_origin = fit_linear([1, 2], [1.0, 3.0])  # intercept would be -1: refit through 0
+    assert through_origin.a == 0 and through_origin.b == pytest.approx(7 / 5)
+    with pytest.raises(ValueError):
+        fit_linear([1], [1])
+    cal = _const_calibration(1e-3)
+    assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+
+
+def _const_calibration(stage_s: float, latency: float = 0.0, post: float = 0.0) -> Calibration:
+    c = Linear(stage_s, 0.0)
+    stages = StageFits("qwen3_moe/debug", {1: c, 2: c}, {1: c, 2: c}, c, c, {8: c, 4: c, 2: c}, {8: c, 4: c, 2: c},
+                       Linear(0.0, 0.0))
+    comm = {w: {"latency": latency, "bandwidth": 1e30, "post": post, "all_reduce": 0.0, "all_to_all": 0.0,
+                "fsdp_unit": 0.0} for w in (2, 3, 4)}
+    return Calibration(2, stages, comm, {"tail": 0.0, "params": 0})
+
+
+def test_cpu_prediction_by_hand():
+    shape = ModelShape.of("qwen3_moe", "debug")
+    assert shape.n_layers == 4 and all(shape.moe_layers)
+    assert sum(shape.attention_params.values()) + sum(shape.expert_params.values()) == 2_299_264
+    # one micro-batch, A1 F1: every stage waits for the previous one, 18 stages of 1 ms
+    # (A fwd 4 + head fwd + head bwd + A bwd 4, F fwd 4 + F bwd 4); free transfers, no tail
+    one = predict_af_pipe(_const_calibration(1e-3), 1, 1, 1, 1, global_batch=8, shape=shape)
+    assert one.step_s == pytest.approx(0.018) and one.tail_s == 0
+    # each message's latency sits on the chain: 8 forward (dispatch, combine: 2 each) + 8 backward
+    lat = predict_af_pipe(_const_calibration(1e-3, latency=1e-4), 1, 1, 1, 1, global_batch=8, shape=shape)
+    assert lat.step_s == pytest.approx(0.018 + 24e-4)
+    # two micro-batches overlap A and F work: faster than twice the chain, slower than one
+    two = predict_af_pipe(_const_calibration(1e-3), 1, 1, 1, 2, global_batch=8, shape=shape)
+    assert 0.018 < two.step_s < 0.036
+    for cfg in AF_GRID:  # every grid layout replays without deadlock
+        assert predict_af_pipe(_const_calibration(1e-3), *cfg, global_batch=8, shape=shape).step_s > 0
+    # colocated: one rank's list, all stages in series (collectives free): 18 stages
+    assert predict_colocated(_const_calibration(1e-3), 2, 8, shape=shape).step_s == pytest.approx(0.018)
+    # 4 ranks on 2 cores: twice the compute of 2 ranks
+    assert predict_colocated(_const_calibration(1e-3), 4, 8, shape=shape).step_s == pytest.approx(0.036)
+    assert len(colocated_program(4)) == 2 + 4 * 12 + 2
+    with pytest.raises(ValueError, match="micro-batches"):
+        predict_af_pipe(_const_calibration(1e-3), 2, 2, 1, 3, global_batch=8, shape=shape)
+
+
+def test_post_ops_precede_every_transfer():
+    programs = {0: [("attention_forward", 0, 0), ("dispatch", 0, 0)], 1: [("dispatch", 0, 0)]}
+    assert with_post_ops(programs) == {0: [("attention_forward", 0, 0), ("post_dispatch", 0, 0), ("dispatch", 0, 0)],
+                                       1: [("post_dispatch", 0, 0), ("dispatch", 0, 0)]}

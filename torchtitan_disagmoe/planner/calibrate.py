@@ -21,6 +21,7 @@ into step-time predictions through the simulator.
     python -m torchtitan_disagmoe.planner.calibrate [--refresh]   # measure, print the fits
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -96,7 +97,7 @@ def _median_time(fn, repeats: int) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def _fwd_bwd_times(forward, repeats: int) -> tuple[float, float]:
@@ -113,7 +114,7 @@ def _fwd_bwd_times(forward, repeats: int) -> tuple[float, float]:
         if i:  # the first is a warm-up
             fwd.append(mid - start)
             bwd.append(end - start_bwd)
-    return min(fwd), min(bwd)  # the intrinsic cost: other load on the host only adds
+    return statistics.median(fwd), statistics.median(bwd)
 
 
 def build_model(name: str, flavor: str, seed: int = 0):
@@ -238,14 +239,12 @@ def _comm_worker(rank: int, world: int, port: int, out_file: str, reps: int) -> 
         t = torch.zeros(numel)
         dist.barrier()
         times = []
-        for _ in range(reps):  # ping-pong: one message each way; medians resist other load
+        for _ in range(reps):  # ping-pong as the runtime sends: async batches, then wait
             start = time.perf_counter()
-            if rank == 0:
-                dist.send(t, 1)
-                dist.recv(t, 1)
-            elif rank == 1:
-                dist.recv(t, 0)
-                dist.send(t, 0)
+            if rank in (0, 1):
+                for op in ((dist.isend, dist.irecv) if rank == 0 else (dist.irecv, dist.isend)):
+                    for w in dist.batch_isend_irecv([dist.P2POp(op, t, 1 - rank)]):
+                        w.wait()
             times.append((time.perf_counter() - start) / 2)
         res[label] = statistics.median(times)
     ts = [torch.zeros(2**14) for _ in range(3)]  # posting cost of an async batch (3 payloads + count)
@@ -276,10 +275,130 @@ def _comm_worker(rank: int, world: int, port: int, out_file: str, reps: int) -> 
             fn()
             times.append(time.perf_counter() - start)
         res[coll] = statistics.median(times)
+    if rank in (0, 1):
+        res.update(_busy_exchange(rank, reps))
+    res["fsdp_unit"] = _fsdp_unit_overhead(world, reps)
     if rank == 0:
         bw = 2**20 * 4 / max(res["large"] - res["small"], 1e-6)
         Path(out_file).write_text(json.dumps({"latency": res["small"], "bandwidth": bw, **res}))
     dist.destroy_process_group()
+
+
+def _busy_exchange(rank: int, reps: int, numel: int = 2**15) -> dict:
+    """Ranks 0 and 1 exchange a 128 KiB message (about one micro-batch's rows) while both
+    compute, as in the pipeline: post the async send and receive, compute ~3 ms, wait.
+    ``busy_post``: seconds in the posting call; ``busy_exchange``: extra wall time per
+    exchange over the compute alone (what moving the data costs when the cores are busy)."""
+    import torch.distributed as dist
+
+    a = torch.randn(192, 192)
+    x, y = torch.randn(numel), torch.empty(numel)
+
+    def compute():
+        for _ in range(20):
+            a @ a
+    alone = _median_time(compute, reps)
+    posts, totals = [], []
+    for i in range(reps):
+        start = time.perf_counter()
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, 1 - rank, tag=i),
+                                        dist.P2POp(dist.irecv, y, 1 - rank, tag=i)])
+        posted = time.perf_counter()
+        compute()
+        for w in works:
+            w.wait()
+        posts.append(posted - start)
+        totals.append(time.perf_counter() - start)
+    return {"busy_post": statistics.median(posts), "busy_exchange": max(0.0, statistics.median(totals) - alone)}
+
+
+def _fsdp_unit_overhead(world: int, reps: int, units: int = 4, tokens: int = 256) -> float:
+    """Extra seconds per FSDP2 unit and step (all-gathers in forward and backward, the
+    reduce-scatter, the hooks) on gloo: a stack of ``units`` blocks of 3 Linear(128, 128)
+    (about one attention block of the debug models), fully_shard per block and root,
+    against the same stack unsharded."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def stack():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Sequential(*[nn.Linear(128, 128) for _ in range(3)]) for _ in range(units)])
+
+    x = torch.randn(tokens, 128)
+    plain, sharded = stack(), stack()
+    mesh = init_device_mesh("cpu", (world,))
+    for block in sharded:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+
+    def run(model):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            model(x).sum().backward()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+    return max(0.0, (run(sharded) - run(plain)) / (units + 1))
+
+
+def _work(seconds_hint: float = 0.3) -> float:
+    """A fixed single-thread workload like the stages' (small matmuls); its wall time."""
+    a = torch.randn(256, 256)
+    start = time.perf_counter()
+    for _ in range(int(seconds_hint * 2000)):
+        a @ a
+    return time.perf_counter() - start
+
+
+def _capacity_worker(_: int, start_event, out_queue) -> None:
+    torch.set_num_threads(1)
+    _work(0.05)
+    start_event.wait()
+    out_queue.put(_work())
+
+
+def measure_capacity(cores: int | None = None, repeats: int = 3) -> float:
+    """Cores this host gives ``cores`` concurrent one-thread processes, in units of one
+    process running alone (about ``cores`` on an idle host; less when other load or
+    shared caches and memory bandwidth take a share). The simulator's ``cores``."""
+    import torch.multiprocessing as mp
+
+    cores = cores or os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = []
+        for _ in range(repeats):
+            alone = _work()
+            start, queue = ctx.Event(), ctx.Queue()
+            procs = [ctx.Process(target=_capacity_worker, args=(i, start, queue)) for i in range(cores)]
+            for proc in procs:
+                proc.start()
+            time.sleep(1.0)  # let them import torch and warm up
+            start.set()
+            times = [queue.get() for _ in procs]
+            for proc in procs:
+                proc.join()
+            results.append(sum(alone / t for t in times))
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(results)
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    """Spawned workers inherit PYTHONWARNINGS: hide torch's deprecation chatter."""
+    old = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = "ignore"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONWARNINGS")
+        else:
+            os.environ["PYTHONWARNINGS"] = old
 
 
 def measure_comm(world: int = 2, reps: int = 30) -> dict:
@@ -293,7 +412,55 @@ def measure_comm(world: int = 2, reps: int = 30) -> dict:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "comm.json")
-        mp.spawn(_comm_worker, args=(world, port, out, reps), nprocs=world, join=True)
+        with _quiet_warnings():
+            mp.spawn(_comm_worker, args=(world, port, out, reps), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+# ---- the trainer's own per-step work, one process ------------------------------------------
+def _trainer_worker(_: int, config_file: str, out_file: str, steps: int, batch: int) -> None:
+    import tempfile as tf
+
+    from torchtitan_disagmoe.config.manager import load_job_config
+    from torchtitan_disagmoe.trainer import Trainer
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(key, None)
+    with tf.TemporaryDirectory() as dump:
+        config = load_job_config(["--job.config_file", config_file, "--job.dump_folder", dump,
+                                  "--disagmoe.mode", "colocated", "--training.threads_per_rank", "1",
+                                  "--training.local_batch_size", str(batch), "--training.steps", str(steps),
+                                  "--checkpoint.enable", "false", "--metrics.enable_tensorboard", "false",
+                                  "--metrics.log_freq", "1"])
+        trainer = Trainer(config)
+        fb_times, inner = [], trainer.forward_backward
+
+        def timed(*a):
+            start = time.perf_counter()
+            out = inner(*a)
+            fb_times.append(time.perf_counter() - start)
+            return out
+        trainer.forward_backward = timed
+        logged = trainer.train()
+        trainer.close()
+    skip = steps // 3
+    total = [r["elapsed_s"] for r in logged][skip:]
+    fb = fb_times[skip:]
+    Path(out_file).write_text(json.dumps({"step": statistics.median(total), "forward_backward": statistics.median(fb),
+                                          "tail": statistics.median(t - f for t, f in zip(total, fb)),
+                                          "tokens": batch * config.training.seq_len}))
+
+
+def measure_trainer(config_file: str = "train_configs/debug_model.toml", steps: int = 12, batch: int = 8) -> dict:
+    """One-process training steps (1 thread) of the job file's model: median ``step``,
+    ``forward_backward`` (the whole model, T = ``batch`` sequences) and ``tail`` (step -
+    forward/backward: data, zero_grad, clipping, optimizer, routing bias, metrics)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "trainer.json")
+        with _quiet_warnings():
+            mp.spawn(_trainer_worker, args=(config_file, out, steps, batch), nprocs=1, join=True)
         return json.loads(Path(out).read_text())
 
 
@@ -304,14 +471,26 @@ class Calibration:
     cores: int
     stages: StageFits
     comm: dict[int, dict] = field(default_factory=dict)
+    """world size -> ``measure_comm(world)``."""
+    trainer: dict = field(default_factory=dict)
+    """``measure_trainer()``: one process's step, forward/backward and tail."""
+    capacity: float = 0.0
+    """``measure_capacity()``: the cores the ranks share (0: ``cores``)."""
+
+    @property
+    def step_fixed_s(self) -> float:
+        """Per-step work outside forward/backward that is not the optimizer's (data,
+        zero_grad, metrics): the one-process tail minus its optimizer step."""
+        return max(0.0, self.trainer.get("tail", 0.0) - self.stages.optimizer(self.trainer.get("params", 0)))
 
     def to_json(self) -> dict:
-        return {"cores": self.cores, "stages": self.stages.to_json(), "comm": {str(k): v for k, v in self.comm.items()}}
+        return {"cores": self.cores, "stages": self.stages.to_json(), "comm": {str(k): v for k, v in self.comm.items()},
+                "trainer": self.trainer, "capacity": self.capacity}
 
     @staticmethod
     def from_json(d: dict) -> "Calibration":
         return Calibration(int(d["cores"]), StageFits.from_json(d["stages"]),
-                           {int(k): v for k, v in d["comm"].items()})
+                           {int(k): v for k, v in d["comm"].items()}, d.get("trainer", {}), d.get("capacity", 0.0))
 
 
 def calibration_file(model: str = "qwen3_moe/debug") -> Path:
@@ -319,12 +498,16 @@ def calibration_file(model: str = "qwen3_moe/debug") -> Path:
 
 
 def calibrate(name: str = "qwen3_moe", flavor: str = "debug", worlds=(2, 3, 4), refresh: bool = False,
-              path: Path | None = None) -> Calibration:
+              path: Path | None = None, config_file: str = "train_configs/debug_model.toml") -> Calibration:
     """Cached calibration of ``name/flavor`` (measured when absent or ``refresh``)."""
     path = path or calibration_file(f"{name}/{flavor}")
     if path.exists() and not refresh:
         return Calibration.from_json(json.loads(path.read_text()))
-    cal = Calibration(os.cpu_count() or 1, measure_stages(name, flavor), {w: measure_comm(w) for w in worlds})
+    stages = measure_stages(name, flavor)
+    trainer = measure_trainer(config_file)
+    trainer["params"] = sum(p.numel() for p in build_model(name, flavor)[0].parameters())
+    comm = {w: measure_comm(w) for w in worlds}
+    cal = Calibration(os.cpu_count() or 1, stages, comm, trainer, measure_capacity())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=1))
     return cal

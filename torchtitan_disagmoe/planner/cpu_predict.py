@@ -89,9 +89,23 @@ def _rows_per_expert_rank(shape: ModelShape, tokens: float, ep: int) -> float:
 
 def _tail(cal: Calibration, params_per_rank: list[int], all_reduces: int, world: int,
           extra_s: float = 0.0) -> float:
-    opt = [cal.stages.optimizer(n) for n in params_per_rank]
-    optimizer_s = max(max(opt), sum(opt) / cal.cores)
-    return optimizer_s + all_reduces * cal.comm[world]["all_reduce"] + extra_s
+    """Per-step work after forward/backward: every rank's fixed part and optimizer step
+    (the ranks share the cores), the trainer's small all-reduces, ``extra_s``."""
+    work = [cal.step_fixed_s + cal.stages.optimizer(n) for n in params_per_rank]
+    local_s = max(max(work), sum(work) / (cal.capacity or cal.cores))
+    return local_s + all_reduces * _comm(cal, world)["all_reduce"] + extra_s
+
+
+def with_post_ops(programs: dict[int, list[Op]]) -> dict[int, list[Op]]:
+    """Insert before each transfer a compute op ``post_<transfer>`` on every rank that
+    takes part: posting a gloo send or receive is work on the rank's own thread (and a
+    send on CPU writes its payload there)."""
+    return {r: [x for op in ops for x in ([("post_" + op[0], op[1], op[2]), op] if is_transfer(op[0]) else [op])]
+            for r, ops in programs.items()}
+
+
+def _with_post_deps(deps):
+    return lambda op: [] if op[0].startswith("post_") else deps(op)
 
 
 def _comm(cal: Calibration, world: int) -> dict:
@@ -110,25 +124,30 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         raise ValueError(f"global_batch = {global_batch} must split into dp = {dp} x {microbatches} micro-batches")
     tokens = global_batch // dp * seq_len / microbatches  # per attention rank and micro-batch
     comm = _comm(cal, world)
-    programs = schedule_program_per_rank(dims, shape.moe_layers, microbatches)
+    programs = with_post_ops(schedule_program_per_rank(dims, shape.moe_layers, microbatches))
     is_attention = lambda r: r < attention  # noqa: E731
+    sender = af_sender_fn(is_attention, lambda r: dims.role(r).group, depth)
     row_bytes = {"dispatch": 4 * shape.dim + 4 * shape.top_k + 8 * (shape.top_k + 1), "combine": 4 * shape.dim + 8,
                  "dispatch_grad": 4 * shape.dim + 4 * shape.top_k, "combine_grad": 4 * shape.dim}
     rows = _rows_per_expert_rank(shape, tokens, ep)
 
+    def nbytes(name: str, rank: int) -> float:
+        if name.startswith("residual"):
+            return tokens * 4 * shape.dim
+        return rows * (ep if is_attention(rank) else dp) * row_bytes[name]  # A sends ep blocks, F gets dp
+
     def duration(op: Op, rank: int) -> float:
         name, layer, _ = op
+        if name.startswith("post_"):
+            transfer = (name[5:], layer, op[2])
+            return comm.get("busy_post", comm["post"]) + (nbytes(transfer[0], rank) / comm["bandwidth"] if sender(transfer, rank) else 0.0)
         if is_transfer(name):
-            if name.startswith("residual"):
-                return tokens * 4 * shape.dim / comm["bandwidth"]
-            n = rows * (ep if is_attention(rank) else dp)  # an A rank sends ep blocks, an F rank gets dp
-            return n * row_bytes[name] / comm["bandwidth"]
+            return nbytes(name, rank) / comm["bandwidth"]
         return _stage_time(st, shape, name, layer, tokens, dp, ep)
 
     latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)  # noqa: E731
-    sender = af_sender_fn(is_attention, lambda r: dims.role(r).group, depth)
-    result = simulate(programs, duration, af_dependencies(shape.n_layers, shape.moe_layers, depth),
-                      is_sender=sender, latency_fn=latency, cores=cores or cal.cores)
+    result = simulate(programs, duration, _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth)),
+                      is_sender=sender, latency_fn=latency, cores=cores or cal.capacity or cal.cores)
     params, extra = [], 0.0
     for r in range(world):
         role = dims.role(r)
@@ -186,18 +205,17 @@ def predict_colocated(cal: Calibration, world: int, global_batch: int, seq_len: 
         if name.startswith("all_to_all"):
             nbytes = 0 if name.endswith("counts") else copy_bytes
             return comm["all_to_all"] + nbytes / comm["bandwidth"]
-        if name.startswith(("all_gather", "reduce_scatter")):
+        if name.startswith(("all_gather", "reduce_scatter")):  # an FSDP unit's 3 collectives
             nbytes = (shape.attention_params.get(layer, 0) + (shape.attention_params.get(shape.n_layers, 0)
                                                              if layer < 0 else 0)) * 4
-            kind = "all_gather" if name.startswith("all_gather") else "reduce_scatter"
-            return comm[kind] + nbytes * (world - 1) / world / comm["bandwidth"]
+            return comm["fsdp_unit"] / 3 + nbytes * (world - 1) / world / comm["bandwidth"]
         if name.startswith("expert"):  # every rank gets tokens * K copies on average
             fit = _nearest(st.expert_forward if name.endswith("forward") else st.expert_backward,
                            shape.num_experts // world)
             return fit(tokens * shape.top_k)
         return _stage_time(st, shape, name, layer, tokens, 1, 1)
 
-    result = simulate(programs, duration, blocking=True, cores=cores or cal.cores)
+    result = simulate(programs, duration, blocking=True, cores=cores or cal.capacity or cal.cores)
     total_attn = sum(shape.attention_params.values())
     params = [(total_attn + sum(shape.expert_params.values())) // world] * world
     tail = _tail(cal, params, TRAINER_ALL_REDUCES["colocated"], world if world in cal.comm else max(cal.comm))

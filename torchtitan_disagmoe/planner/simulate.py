@@ -21,11 +21,11 @@ Semantics:
   durations.
 - An op is finished when it has finished on every rank that runs it; a transfer's data
   arrives ``latency_fn(op)`` after its links are free.
-- Shared cores (``cores``): ranks on one host (``host_of``) share its cores; at most
-  ``cores`` compute ops run at once per host, the others wait (non-preemptive; a freed
-  core goes to the rank that has waited longest, then the lowest rank). This is how 4
-  one-thread ranks on a 2-core CPU behave, to first order: the OS time-shares the cores,
-  the total compute rate is the host's. None: every rank has its own core.
+- Shared cores (``cores``, processor sharing): ranks on one host (``host_of``) share
+  its ``cores`` (a float: the capacity, e.g. 1.7 when other load takes a share); while
+  n compute ops run on a host each progresses at min(1, cores / n) of its own speed, as
+  the OS time-shares one-thread ranks. 4 ranks on 2 cores all computing take twice as
+  long; a rank waiting for a transfer takes nothing. None: every rank has its own core.
 
 Output: makespan and per-rank busy intervals; ``draw_timeline`` renders them as a PNG.
 A deadlock (ops that can never start) raises ValueError naming each rank's next op.
@@ -113,8 +113,8 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
         cores: compute ops that may run at once per host (module docstring); None: no limit.
         host_of: ``rank -> host``; None: all ranks on one host.
     """
-    if cores is not None and cores < 1:
-        raise ValueError(f"cores = {cores} must be >= 1 (or None: no limit)")
+    if cores is not None and cores <= 0:
+        raise ValueError(f"cores = {cores} must be > 0 (or None: no limit)")
     sim = _Simulation(program_per_rank, duration_fn, _deps_fn(deps), blocking, is_sender, latency_fn)
     sim.cores, sim.host_of = cores, host_of or (lambda rank: 0)
     return sim.run()
@@ -141,10 +141,12 @@ class _Simulation:
         self.events: list[tuple[float, int, Op, tuple[int, ...]]] = []
         self.seq = 0
         self.result = SimResult(0.0, {r: [] for r in self.programs}, {})
-        self.cores: int | None = None
+        self.cores: float | None = None
         self.host_of: Callable[[int], int] = lambda rank: 0
-        self.running: dict[int, int] = defaultdict(int)  # host -> compute ops running
-        self.waiting_since: dict[int, float] = {}  # rank -> when it first waited for a core
+        # processor sharing: host -> {rank: [op, work left (s at full speed), start]}
+        self.active: dict[int, dict[int, list]] = defaultdict(dict)
+        self.updated: dict[int, float] = defaultdict(float)
+        self.version: dict[int, int] = defaultdict(int)
 
     def run(self) -> SimResult:
         now = 0.0
@@ -156,14 +158,16 @@ class _Simulation:
             now = self.events[0][0]
             while self.events and self.events[0][0] == now:
                 _, _, op, ranks = heapq.heappop(self.events)
-                if op is not None:
+                if op is not None and op[0] == "#ps":
+                    self._ps_finished(op, ranks[0], now)
+                elif op is not None:
                     self._finished(op, ranks, now)
         stuck = {r: ops[self.pos[r]] for r, ops in self.programs.items() if self.pos[r] < len(ops)}
         unstarted = [op for op in self.members if op not in self.result.finish]
         if stuck or unstarted:
             raise ValueError(f"schedule deadlocks; next op per rank: {stuck}; "
                              f"unfinished: {unstarted[:8]}")
-        self.result.makespan = now
+        self.result.makespan = max(self.result.finish.values(), default=0.0)  # stale events may come later
         return self.result
 
     def _deps_done(self, op: Op) -> bool:
@@ -172,9 +176,7 @@ class _Simulation:
     def _advance_ranks(self, now: float) -> bool:
         """Let every idle rank start its next compute op or post its next transfers."""
         changed = False
-        order = sorted(self.programs, key=lambda r: (self.waiting_since.get(r, now), r))
-        for rank in order:
-            ops = self.programs[rank]
+        for rank, ops in self.programs.items():
             while (self.pos[rank] < len(ops) and rank not in self.blocked_on
                    and self.busy_until[rank] <= now):
                 op = ops[self.pos[rank]]
@@ -184,13 +186,13 @@ class _Simulation:
                         self.ready_transfers.append(op)
                     if self.blocking:
                         self.blocked_on[rank] = op
-                elif self._deps_done(op):
+                elif self._deps_done(op) and self.cores is not None:
                     host = self.host_of(rank)
-                    if self.cores is not None and self.running[host] >= self.cores:
-                        self.waiting_since.setdefault(rank, now)
-                        break
-                    self.waiting_since.pop(rank, None)
-                    self.running[host] += 1
+                    self._ps_advance(host, now)
+                    self.active[host][rank] = [op, self._duration(op, [rank]), now]
+                    self.busy_until[rank] = float("inf")
+                    self._ps_schedule(host, now)
+                elif self._deps_done(op):
                     end = now + self._duration(op, [rank])
                     self.busy_until[rank] = end
                     self.result.intervals[rank].append(Interval(rank, op, now, end, "compute"))
@@ -200,6 +202,34 @@ class _Simulation:
                 self.pos[rank] += 1
                 changed = True
         return changed
+
+    # ---- processor sharing ------------------------------------------------------------
+    def _ps_rate(self, host: int) -> float:
+        return min(1.0, self.cores / max(1, len(self.active[host])))
+
+    def _ps_advance(self, host: int, now: float) -> None:
+        rate, dt = self._ps_rate(host), now - self.updated[host]
+        for entry in self.active[host].values():
+            entry[1] -= dt * rate
+        self.updated[host] = now
+
+    def _ps_schedule(self, host: int, now: float) -> None:
+        """(Re)compute the finish events of the host's running ops; older ones go stale."""
+        self.version[host] += 1
+        rate = self._ps_rate(host)
+        for rank, (_, left, _) in self.active[host].items():
+            self._push(("#ps", host, self.version[host]), [rank], now + max(0.0, left) / rate)
+
+    def _ps_finished(self, marker: tuple, rank: int, now: float) -> None:
+        _, host, version = marker
+        if version != self.version[host]:
+            return  # stale: the sharing changed after this event was scheduled
+        self._ps_advance(host, now)
+        op, _, start = self.active[host].pop(rank)
+        self.busy_until[rank] = now
+        self.result.intervals[rank].append(Interval(rank, op, start, now, "compute"))
+        self._finished(op, (rank,), now)
+        self._ps_schedule(host, now)
 
     def _lane(self, op: Op, rank: int) -> str:
         if self.is_sender is None:
@@ -234,9 +264,6 @@ class _Simulation:
         self.seq += 1
 
     def _finished(self, op: Op, ranks: tuple[int, ...], now: float) -> None:
-        if not is_transfer(op[0]):
-            for r in ranks:
-                self.running[self.host_of(r)] -= 1
         self.ends[op] += [now] * len(ranks)
         if len(self.ends[op]) == len(self.members[op]):
             self.result.finish[op] = max(self.ends.pop(op))
