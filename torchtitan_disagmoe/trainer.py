@@ -39,6 +39,7 @@ from torchtitan_disagmoe.distributed.utils import (
     clip_grad_norm_, init_distributed, set_cpu_threads, set_pg_timeouts, world_info)
 from torchtitan_disagmoe.layouts import build_layout
 from torchtitan_disagmoe.models import get_model_spec
+from torchtitan_disagmoe.models.activation_checkpoint import ActivationCheckpointing, apply_activation_checkpointing
 from torchtitan_disagmoe.models.moe import GroupedExperts, MoE
 
 logger = logging.getLogger("torchtitan_disagmoe")
@@ -92,9 +93,12 @@ class Trainer:
         self.model = self.layout.model
         if hasattr(self.layout, "role"):
             self.activity.role = str(self.layout.role)
+        ac = ActivationCheckpointing(config.activation_checkpoint.mode, config.activation_checkpoint.selective_ac_option)
+        apply_activation_checkpointing(self.model, ac)
         if hasattr(self.layout, "runtime"):
             self.layout.runtime.activity = self.activity
             self.layout.runtime.timeout = timedelta(seconds=c.init_timeout_seconds)
+            self.layout.runtime.activation_checkpointing = ac
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE) and m.router is not None]
         configure_load_balance(self.moes, config.moe.load_balance, config.moe.aux_loss_coeff)
         for module in self.model.modules():

@@ -96,6 +96,9 @@ CASES = [
      ["--job.dump_folder", "{tmp}/other_model_run", "--checkpoint.enable", "true"],
      ["does not fit model", "tok_embeddings.weight", "job.dump_folder"]),
     ("zero timeout", 1, ["--comm.train_timeout_seconds", "0"], ["comm.train_timeout_seconds"]),
+    ("bad selective checkpointing option", 1,
+     ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "often"],
+     ["activation_checkpoint.selective_ac_option", "'op' or a positive integer"]),
 ]
 
 

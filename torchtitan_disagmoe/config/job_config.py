@@ -333,6 +333,23 @@ class Metrics:
 
 
 @dataclass(kw_only=True, slots=True)
+class ActivationCheckpoint:
+    mode: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them: ``full`` every layer (af_pipe:
+    every A- and F-stage), ``selective`` per ``selective_ac_option``."""
+    selective_ac_option: str = "op"
+    """``op``: every layer, keeping matmul and attention outputs (recompute the cheap ops);
+    an integer N: every N-th layer."""
+
+    def __post_init__(self):
+        _check_choice("activation_checkpoint.mode", self.mode, ("none", "full", "selective"))
+        option = self.selective_ac_option
+        if option != "op" and not (option.isdigit() and int(option) > 0):
+            raise ValueError(f"activation_checkpoint.selective_ac_option = {option!r} must be 'op' or a "
+                             "positive integer N (checkpoint every N-th layer)")
+
+
+@dataclass(kw_only=True, slots=True)
 class Comm:
     init_timeout_seconds: float = 300.0
     """Timeout of process-group start-up and of the first step (warm-up, compilation)."""
@@ -364,6 +381,7 @@ class JobConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     comm: Comm = field(default_factory=Comm)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
 
     def effective_mode(self, world_size: int) -> str:
         """``disagmoe.mode``, except that one rank cannot be split into two pools: a
@@ -388,6 +406,14 @@ class JobConfig:
         args = spec.get_flavor(self.model.flavor)
         args.validate_seq_len(self.training.seq_len)
         par, dis = self.parallelism, self.disagmoe
+        if self.activation_checkpoint.mode != "none":
+            if self.compile.enable:
+                raise ValueError("activation_checkpoint.mode = "
+                                 f"{self.activation_checkpoint.mode!r} with compile.enable = true is not supported "
+                                 "yet; turn one of them off")
+            if par.pipeline_parallel_degree > 1 and par.pipeline_parallel_schedule == "DualPipeV":
+                raise ValueError("activation checkpointing is not supported with pipeline_parallel_schedule = "
+                                 "'DualPipeV' (split input/weight backward); use 1F1B or Interleaved1F1B")
         if self.effective_mode(world_size) == "af_pipe":
             from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
 

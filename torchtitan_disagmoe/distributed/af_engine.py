@@ -29,6 +29,8 @@ from datetime import timedelta
 import torch
 from torch import nn
 
+from torchtitan_disagmoe.models.activation_checkpoint import NO_CHECKPOINTING
+
 from .af_stages import StageRecord, attention_layer_forward, head_forward, leaf, run_local_experts
 from .disagg_dims import DisaggDims
 from .failure import Activity, TransferError
@@ -79,6 +81,7 @@ class AFPipeRuntime:
         # and ``activity`` says what this rank is doing, for failure reports.
         self.timeout: timedelta | None = None
         self.activity = Activity()
+        self.activation_checkpointing = NO_CHECKPOINTING  # per stage; set by the trainer
 
     def stage_name(self, stage: int) -> str:
         if stage == 2 * self.num_layers:
@@ -185,8 +188,9 @@ class AFPipeRuntime:
             rec.outputs = [scaled]
             self.losses.append(loss)
             return
-        h, rows = attention_layer_forward(self.model.layers[str(layer)], x, self.model.rope_cache,
-                                          self.dims.ep, self.experts_per_rank)
+        h, rows = self.activation_checkpointing.run(
+            layer, attention_layer_forward, self.model.layers[str(layer)], x, self.model.rope_cache, self.dims.ep,
+            self.experts_per_rank)
         rec.outputs = [h]
         if rows is not None:
             rec.outputs += [t for r in rows for t in (r.x_nD, r.weights_nK)]
@@ -221,7 +225,8 @@ class AFPipeRuntime:
         ws = [leaf(received[a][1]) for a in sources]
         ints = [received[a][2] for a in sources]
         experts = self.model.layers[str(layer)].moe.experts
-        out_MD = run_local_experts(experts, torch.cat(xs), torch.cat(ws), torch.cat([i[:, :-1] for i in ints]))
+        out_MD = self.activation_checkpointing.run(layer, run_local_experts, experts, torch.cat(xs), torch.cat(ws),
+                                                   torch.cat([i[:, :-1] for i in ints]))
         rec.inputs = [t for pair in zip(xs, ws) for t in pair]
         rec.outputs = list(out_MD.split([x.shape[0] for x in xs]))
         rec.extra.update(sources=sources, token_idx=[i[:, -1] for i in ints])

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .activation_checkpoint import is_recomputing
+
 
 @dataclass(kw_only=True)
 class MoEArgs:
@@ -311,8 +313,9 @@ class MoE(nn.Module):
     def route(self, x_TD: torch.Tensor) -> Routing:
         """Step 1: choose experts for each token and count them for load balancing."""
         routing = self.router(x_TD, self.expert_bias if self.use_expert_bias else None)
-        with torch.no_grad():
-            self.tokens_per_expert += count_tokens_per_expert(routing.expert_ids_TK, self.args.num_experts)
+        if not is_recomputing():  # activation checkpointing re-runs this in backward
+            with torch.no_grad():
+                self.tokens_per_expert += count_tokens_per_expert(routing.expert_ids_TK, self.args.num_experts)
         return routing
 
     def attach_aux_loss(self, out: torch.Tensor, routing: Routing, batch_size: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ Module names match torchtitan 0.2.2 (``tok_embeddings``, ``layers.{i}.attention`
 import torch
 from torch import nn
 
+from .activation_checkpoint import NO_CHECKPOINTING
 from .args import MoETransformerArgs
 from .moe import FeedForward, MoE
 
@@ -29,6 +30,7 @@ class TransformerBlock(nn.Module):
             self.moe = MoE(args.moe, args.dim, args.moe_inter_dim)
         else:
             self.feed_forward = FeedForward(args.dim, args.dense_inter_dim)
+        self.activation_checkpointing = NO_CHECKPOINTING  # set by apply_activation_checkpointing
 
     def attention_part(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
         return x + self.attention(self.attention_norm(x), rope_cache)
@@ -37,8 +39,11 @@ class TransformerBlock(nn.Module):
         ffn = self.moe if self.moe_enabled else self.feed_forward
         return h + ffn(self.ffn_norm(h))
 
-    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
         return self.ffn_part(self.attention_part(x, rope_cache))
+
+    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
+        return self.activation_checkpointing.run(self.layer_id, self._forward, x, rope_cache)
 
 
 class MoETransformer(nn.Module):
