@@ -40,13 +40,25 @@ TOKEN_COUNTS = (128, 256, 512, 1024)
 
 @dataclass
 class Linear:
-    """seconds = a + b * x."""
+    """seconds = a + b * x; with measured points ``xs``, ``ys`` it interpolates between
+    them instead (piecewise linear; beyond them the line's slope from the nearest point):
+    stage times on a CPU bend where data leaves the caches (the head's logits at 1,024
+    tokens take 3x those at 512), which one line misses."""
 
     a: float
     b: float
+    xs: list[float] = field(default_factory=list)
+    ys: list[float] = field(default_factory=list)
 
     def __call__(self, x: float) -> float:
-        return self.a + self.b * x
+        xs, ys = self.xs, self.ys
+        if len(xs) < 2:
+            return max(0.0, self.a + self.b * x)
+        if not xs[0] <= x <= xs[-1]:  # beyond the points: the line's slope from the nearest end
+            end = 0 if x < xs[0] else -1
+            return max(0.0, ys[end] + self.b * (x - xs[end]))
+        i = max(j for j in range(len(xs) - 1) if xs[j] <= x)
+        return ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
 
 
 def fit_linear(xs: list[float], ys: list[float]) -> Linear:
@@ -60,6 +72,13 @@ def fit_linear(xs: list[float], ys: list[float]) -> Linear:
     if a < 0:  # no negative fixed cost: refit through the origin
         a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / max(sum(x * x for x in xs), 1e-30)
     return Linear(a, max(b, 0.0))
+
+
+def fit_points(xs: list[float], ys: list[float]) -> Linear:
+    """``fit_linear`` that also keeps the points (sorted) for interpolation."""
+    line = fit_linear(xs, ys)
+    pts = sorted(zip(xs, ys))
+    return Linear(line.a, line.b, [x for x, _ in pts], [y for _, y in pts])
 
 
 @dataclass
@@ -191,7 +210,7 @@ def measure_stages(name: str = "qwen3_moe", flavor: str = "debug", seq_len: int 
                 add(f"expert_backward/{e}", copies, b)
         for key, (xs, ys) in samples.items():
             kind, _, sub = key.partition("/")
-            fit = fit_linear(xs, ys)
+            fit = fit_points(xs, ys)
             if sub:
                 getattr(fits, kind)[int(sub)] = fit
             else:
@@ -247,6 +266,7 @@ def _comm_worker(rank: int, world: int, port: int, out_file: str, reps: int) -> 
                         w.wait()
             times.append((time.perf_counter() - start) / 2)
         res[label] = statistics.median(times)
+    res["loaded_latency"] = _loaded_latency(rank, world, reps)
     ts = [torch.zeros(2**14) for _ in range(3)]  # posting cost of an async batch (3 payloads + count)
     dist.barrier()
     post = []
@@ -275,20 +295,42 @@ def _comm_worker(rank: int, world: int, port: int, out_file: str, reps: int) -> 
             fn()
             times.append(time.perf_counter() - start)
         res[coll] = statistics.median(times)
-    if rank in (0, 1):
-        res.update(_busy_exchange(rank, reps))
-    res["fsdp_unit"] = _fsdp_unit_overhead(world, reps)
+    res.update(_busy_exchange(rank, reps))
+    res["fsdp_unit"], res["fsdp_optimizer_per_tensor"] = _fsdp_unit_overhead(world, reps)
     if rank == 0:
         bw = 2**20 * 4 / max(res["large"] - res["small"], 1e-6)
         Path(out_file).write_text(json.dumps({"latency": res["small"], "bandwidth": bw, **res}))
     dist.destroy_process_group()
 
 
+def _loaded_latency(rank: int, world: int, reps: int) -> float:
+    """One-way latency of a small async message between ranks 0 and 1 while every other
+    rank computes (with more ranks than cores, a woken receiver waits for a core)."""
+    import torch.distributed as dist
+
+    t = torch.zeros(1)
+    dist.barrier()
+    if rank >= 2:
+        _work(0.4)
+        dist.barrier()
+        return 0.0
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for op in ((dist.isend, dist.irecv) if rank == 0 else (dist.irecv, dist.isend)):
+            for w in dist.batch_isend_irecv([dist.P2POp(op, t, 1 - rank)]):
+                w.wait()
+        times.append((time.perf_counter() - start) / 2)
+    dist.barrier()
+    return statistics.median(times)
+
+
 def _busy_exchange(rank: int, reps: int, numel: int = 2**15) -> dict:
     """Ranks 0 and 1 exchange a 128 KiB message (about one micro-batch's rows) while both
-    compute, as in the pipeline: post the async send and receive, compute ~3 ms, wait.
-    ``busy_post``: seconds in the posting call; ``busy_exchange``: extra wall time per
-    exchange over the compute alone (what moving the data costs when the cores are busy)."""
+    compute, as in the pipeline: post the async send and receive, compute ~3 ms, wait;
+    every other rank computes meanwhile. ``busy_post``: seconds in the posting call;
+    ``busy_exchange``: extra wall time per exchange over the same compute without it (what
+    a transfer costs when every rank is busy: gloo's threads wait for a core)."""
     import torch.distributed as dist
 
     a = torch.randn(192, 192)
@@ -297,6 +339,12 @@ def _busy_exchange(rank: int, reps: int, numel: int = 2**15) -> dict:
     def compute():
         for _ in range(20):
             a @ a
+    dist.barrier()
+    if rank >= 2:
+        for _ in range(3 * reps):
+            compute()
+        dist.barrier()
+        return {}
     alone = _median_time(compute, reps)
     posts, totals = [], []
     for i in range(reps):
@@ -309,6 +357,7 @@ def _busy_exchange(rank: int, reps: int, numel: int = 2**15) -> dict:
             w.wait()
         posts.append(posted - start)
         totals.append(time.perf_counter() - start)
+    dist.barrier()
     return {"busy_post": statistics.median(posts), "busy_exchange": max(0.0, statistics.median(totals) - alone)}
 
 
@@ -316,7 +365,7 @@ def _fsdp_unit_overhead(world: int, reps: int, units: int = 4, tokens: int = 256
     """Extra seconds per FSDP2 unit and step (all-gathers in forward and backward, the
     reduce-scatter, the hooks) on gloo: a stack of ``units`` blocks of 3 Linear(128, 128)
     (about one attention block of the debug models), fully_shard per block and root,
-    against the same stack unsharded."""
+    against the same stack unsharded; and the extra AdamW time per (DTensor) parameter."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -339,7 +388,13 @@ def _fsdp_unit_overhead(world: int, reps: int, units: int = 4, tokens: int = 256
             model(x).sum().backward()
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
-    return max(0.0, (run(sharded) - run(plain)) / (units + 1))
+
+    def optimizer(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return _median_time(opt.step, reps)
+    n = len(list(plain.parameters()))
+    per_tensor = max(0.0, (optimizer(sharded) - optimizer(plain)) / n)
+    return max(0.0, (run(sharded) - run(plain)) / (units + 1)), per_tensor
 
 
 def _work(seconds_hint: float = 0.3) -> float:
@@ -361,7 +416,8 @@ def _capacity_worker(_: int, start_event, out_queue) -> None:
 def measure_capacity(cores: int | None = None, repeats: int = 3) -> float:
     """Cores this host gives ``cores`` concurrent one-thread processes, in units of one
     process running alone (about ``cores`` on an idle host; less when other load or
-    shared caches and memory bandwidth take a share). The simulator's ``cores``."""
+    shared caches and memory bandwidth take a share; with more processes than cores,
+    context switches take theirs). The simulator's ``cores`` for a job of that many ranks."""
     import torch.multiprocessing as mp
 
     cores = cores or os.cpu_count() or 1
@@ -474,8 +530,14 @@ class Calibration:
     """world size -> ``measure_comm(world)``."""
     trainer: dict = field(default_factory=dict)
     """``measure_trainer()``: one process's step, forward/backward and tail."""
-    capacity: float = 0.0
-    """``measure_capacity()``: the cores the ranks share (0: ``cores``)."""
+    capacity: dict[int, float] = field(default_factory=dict)
+    """ranks -> ``measure_capacity(ranks)``: the cores that many busy ranks share."""
+
+    def capacity_for(self, ranks: int) -> float:
+        """Measured capacity for ``ranks`` (the nearest measured count), else ``cores``."""
+        if not self.capacity:
+            return float(self.cores)
+        return self.capacity.get(ranks) or self.capacity[min(self.capacity, key=lambda n: abs(n - ranks))]
 
     @property
     def step_fixed_s(self) -> float:
@@ -485,12 +547,13 @@ class Calibration:
 
     def to_json(self) -> dict:
         return {"cores": self.cores, "stages": self.stages.to_json(), "comm": {str(k): v for k, v in self.comm.items()},
-                "trainer": self.trainer, "capacity": self.capacity}
+                "trainer": self.trainer, "capacity": {str(k): v for k, v in self.capacity.items()}}
 
     @staticmethod
     def from_json(d: dict) -> "Calibration":
         return Calibration(int(d["cores"]), StageFits.from_json(d["stages"]),
-                           {int(k): v for k, v in d["comm"].items()}, d.get("trainer", {}), d.get("capacity", 0.0))
+                           {int(k): v for k, v in d["comm"].items()}, d.get("trainer", {}),
+                           {int(k): v for k, v in d.get("capacity", {}).items()})
 
 
 def calibration_file(model: str = "qwen3_moe/debug") -> Path:
@@ -507,7 +570,7 @@ def calibrate(name: str = "qwen3_moe", flavor: str = "debug", worlds=(2, 3, 4), 
     trainer = measure_trainer(config_file)
     trainer["params"] = sum(p.numel() for p in build_model(name, flavor)[0].parameters())
     comm = {w: measure_comm(w) for w in worlds}
-    cal = Calibration(os.cpu_count() or 1, stages, comm, trainer, measure_capacity())
+    cal = Calibration(os.cpu_count() or 1, stages, comm, trainer, {w: measure_capacity(w) for w in worlds})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=1))
     return cal

@@ -92,7 +92,7 @@ def _tail(cal: Calibration, params_per_rank: list[int], all_reduces: int, world:
     """Per-step work after forward/backward: every rank's fixed part and optimizer step
     (the ranks share the cores), the trainer's small all-reduces, ``extra_s``."""
     work = [cal.step_fixed_s + cal.stages.optimizer(n) for n in params_per_rank]
-    local_s = max(max(work), sum(work) / (cal.capacity or cal.cores))
+    local_s = max(max(work), sum(work) / cal.capacity_for(len(params_per_rank)))
     return local_s + all_reduces * _comm(cal, world)["all_reduce"] + extra_s
 
 
@@ -145,9 +145,10 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
             return nbytes(name, rank) / comm["bandwidth"]
         return _stage_time(st, shape, name, layer, tokens, dp, ep)
 
+    # gloo's latency between idle ranks, twice for rows (their counts go first)
     latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)  # noqa: E731
     result = simulate(programs, duration, _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth)),
-                      is_sender=sender, latency_fn=latency, cores=cores or cal.capacity or cal.cores)
+                      is_sender=sender, latency_fn=latency, cores=cores or cal.capacity_for(world))
     params, extra = [], 0.0
     for r in range(world):
         role = dims.role(r)
@@ -215,10 +216,12 @@ def predict_colocated(cal: Calibration, world: int, global_batch: int, seq_len: 
             return fit(tokens * shape.top_k)
         return _stage_time(st, shape, name, layer, tokens, 1, 1)
 
-    result = simulate(programs, duration, blocking=True, cores=cores or cal.capacity or cal.cores)
+    result = simulate(programs, duration, blocking=True, cores=cores or cal.capacity_for(world))
     total_attn = sum(shape.attention_params.values())
     params = [(total_attn + sum(shape.expert_params.values())) // world] * world
-    tail = _tail(cal, params, TRAINER_ALL_REDUCES["colocated"], world if world in cal.comm else max(cal.comm))
+    dtensors = sum(shape.attention_tensors.values()) + 3 * shape.n_layers  # + w1, w2, w3 per MoE layer
+    tail = _tail(cal, params, TRAINER_ALL_REDUCES["colocated"], world if world in cal.comm else max(cal.comm),
+                 dtensors * comm.get("fsdp_optimizer_per_tensor", 0.0))
     return Prediction(f"colocated EP world {world}", result.makespan + tail, result.makespan, tail)
 
 
