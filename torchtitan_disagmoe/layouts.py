@@ -191,7 +191,8 @@ class DisaggregatedLayout:
         materialize(self.model, spec, args, device, config.training.seed)
         moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
         self.runtime = AFPipeRuntime(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device,
-                                     microbatches=d.microbatches, max_inflight=d.max_inflight)
+                                     microbatches=d.microbatches, max_inflight=d.max_inflight,
+                                     transfer_dtype=getattr(torch, d.transfer_dtype))
         for module in self.model.modules():  # each micro-batch's balance loss is 1/M of the step's
             if isinstance(module, MoE):
                 module.aux_loss_scale = 1.0 / d.microbatches

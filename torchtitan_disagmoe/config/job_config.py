@@ -257,6 +257,10 @@ class DisagMoE:
     """Micro-batches allowed between their first forward and last backward, which bounds
     activation memory (af_pipe); 0: no bound beyond ``microbatches``."""
 
+    transfer_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the hidden states and gradients in dispatch and combine (and their
+    gradients): ``bfloat16`` halves those bytes; compute and the residual stream stay fp32."""
+
     def __post_init__(self):
         _check_choice("disagmoe.mode", self.mode, ("colocated", "af_pipe"))
         _check_positive("disagmoe.attention_ranks", self.attention_ranks, allow_zero=True)
@@ -264,6 +268,7 @@ class DisagMoE:
         _check_positive("disagmoe.pipeline_depth", self.pipeline_depth)
         _check_positive("disagmoe.microbatches", self.microbatches)
         _check_positive("disagmoe.max_inflight", self.max_inflight, allow_zero=True)
+        _check_choice("disagmoe.transfer_dtype", self.transfer_dtype, ("float32", "bfloat16"))
 
 
 @dataclass(kw_only=True, slots=True)

@@ -66,7 +66,8 @@ class AFPipeRuntime:
     """This rank's part of the AF-Pipe: its pipeline rank's actions over all micro-batches."""
 
     def __init__(self, model: nn.Module, dims: DisaggDims, rank: int, moe_layers: list[bool], dim: int,
-                 top_k: int, device: torch.device, microbatches: int = 1, max_inflight: int = 0):
+                 top_k: int, device: torch.device, microbatches: int = 1, max_inflight: int = 0,
+                 transfer_dtype: torch.dtype = torch.float32):
         self.model, self.dims, self.rank, self.device = model, dims, rank, device
         self.role = dims.role(rank)
         self.moe_layers, self.dim, self.top_k = moe_layers, dim, top_k
@@ -77,6 +78,9 @@ class AFPipeRuntime:
         self.actions = build_af_pipe_schedule(self.shape)[pp_rank]
         self.stats = CommStats()
         self.times = StepTimes()
+        # Floating payloads of dispatch, combine and their gradients travel in this dtype
+        # (bf16 halves the bytes); the residual stream always moves in full precision.
+        self.wire_dtype = transfer_dtype
         # Set by the trainer: every wait raises after ``timeout`` (a dead or stuck peer),
         # and ``activity`` says what this rank is doing, for failure reports.
         self.timeout: timedelta | None = None
@@ -153,8 +157,14 @@ class AFPipeRuntime:
         return out
 
     def _take(self, kind: str, layer: int, mb: int) -> dict:
-        return self._wait(self.inbox.pop((kind, layer, mb)), f"{kind.replace('_', ' ')} of layer {layer}, "
-                          f"micro-batch {mb}")
+        got = self._wait(self.inbox.pop((kind, layer, mb)), f"{kind.replace('_', ' ')} of layer {layer}, "
+                         f"micro-batch {mb}")
+        if self.wire_dtype == torch.float32 or kind.startswith("residual"):
+            return got
+        return {peer: [t.float() if t.is_floating_point() else t for t in ts] for peer, ts in got.items()}
+
+    def _wire(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
 
     # ---- compute -------------------------------------------------------------------------
     def _forward(self, stage: int, mb: int) -> None:
@@ -257,15 +267,15 @@ class AFPipeRuntime:
         if stage % 2:  # F(l) -> A(l+1): combine
             if self.moe_layers[layer]:
                 rec = self.records[(stage, mb)]
-                send = {self._attn_rank(layer + 1, self.dims.role(a).index): [out.detach(), idx]
+                send = {self._attn_rank(layer + 1, self.dims.role(a).index): self._wire([out.detach(), idx])
                         for a, out, idx in zip(rec.extra["sources"], rec.outputs, rec.extra["token_idx"])}
                 self.outbox.append(post_sends(send, make_tag(layer, COMBINE, mb), self.device, True,
                                               self.stats, COMBINE))
             return
         rec = self.records[(stage, mb)]
         if self.moe_layers[layer]:  # A(l) -> F(l): dispatch
-            send = {f: [r.x_nD.detach(), r.weights_nK.detach(),
-                        torch.cat([r.local_ids_nK, r.token_idx_n.unsqueeze(1)], dim=1)]
+            send = {f: self._wire([r.x_nD.detach(), r.weights_nK.detach(),
+                                   torch.cat([r.local_ids_nK, r.token_idx_n.unsqueeze(1)], dim=1)])
                     for f, r in zip(self._expert_ranks(layer), rec.extra["rows"])}
             self.outbox.append(post_sends(send, make_tag(layer, DISPATCH, mb), self.device, True,
                                           self.stats, DISPATCH))
@@ -279,14 +289,14 @@ class AFPipeRuntime:
         if stage % 2:  # F(l) receives dispatch(l)
             layer = stage // 2
             if self.moe_layers[layer]:
-                layout = [((self.dim,), torch.float32), ((self.top_k,), torch.float32),
+                layout = [((self.dim,), self.wire_dtype), ((self.top_k,), self.wire_dtype),
                           ((self.top_k + 1,), torch.int64)]
                 self._post_rows(("dispatch", layer, mb), self._attn_ranks(layer), layout,
                                 make_tag(layer, DISPATCH, mb))
         else:  # A(l+1) receives combine(l) and residual(l)
             layer = stage // 2 - 1
             if self.moe_layers[layer]:
-                layout = [((self.dim,), torch.float32), ((), torch.int64)]
+                layout = [((self.dim,), self.wire_dtype), ((), torch.int64)]
                 self._post_rows(("combine", layer, mb), self._expert_ranks(layer), layout,
                                 make_tag(layer, COMBINE, mb))
             if self.dims.pipeline_depth > 1:
@@ -305,13 +315,15 @@ class AFPipeRuntime:
         if stage % 2:  # F(l) -> A(l): dispatch grads
             if self.moe_layers[layer]:
                 pairs = zip(rec.inputs[0::2], rec.inputs[1::2])
-                send = {a: [_grad_or_zeros(x), _grad_or_zeros(w)] for a, (x, w) in zip(rec.extra["sources"], pairs)}
+                send = {a: self._wire([_grad_or_zeros(x), _grad_or_zeros(w)])
+                        for a, (x, w) in zip(rec.extra["sources"], pairs)}
                 self.outbox.append(post_sends(send, make_tag(layer, DISPATCH_GRAD, mb), self.device, False,
                                               self.stats, DISPATCH_GRAD))
             return
         prev = layer - 1  # A(l) -> F(l-1): combine grads, A(l) -> A(l-1): residual grad
         if self.moe_layers[prev]:
-            send = {f: [_grad_or_zeros(r)] for f, r in zip(rec.extra["combine_sources"], rec.inputs[1:])}
+            send = {f: self._wire([_grad_or_zeros(r)])
+                    for f, r in zip(rec.extra["combine_sources"], rec.inputs[1:])}
             self.outbox.append(post_sends(send, make_tag(prev, COMBINE_GRAD, mb), self.device, False,
                                           self.stats, COMBINE_GRAD))
         if self.dims.pipeline_depth > 1:
@@ -324,12 +336,14 @@ class AFPipeRuntime:
         layer = stage // 2
         if stage % 2:  # F(l) receives combine grads from A(l+1)
             if self.moe_layers[layer]:
-                recv = {self._attn_rank(layer + 1, self.dims.role(a).index): [torch.empty_like(out)]
+                recv = {self._attn_rank(layer + 1, self.dims.role(a).index):
+                        [torch.empty_like(out, dtype=self.wire_dtype)]
                         for a, out in zip(rec.extra["sources"], rec.outputs)}
                 self.inbox[("combine_grad", layer, mb)] = post_recvs_known(recv, make_tag(layer, COMBINE_GRAD, mb))
             return
         if self.moe_layers[layer]:  # A(l) receives dispatch grads from F(l)
-            recv = {f: [torch.empty_like(r.x_nD), torch.empty_like(r.weights_nK)]
+            wire = self.wire_dtype
+            recv = {f: [torch.empty_like(r.x_nD, dtype=wire), torch.empty_like(r.weights_nK, dtype=wire)]
                     for f, r in zip(self._expert_ranks(layer), rec.extra["rows"])}
             self.inbox[("dispatch_grad", layer, mb)] = post_recvs_known(recv, make_tag(layer, DISPATCH_GRAD, mb))
         if self.dims.pipeline_depth > 1:
