@@ -26,7 +26,7 @@ from torchtitan_disagmoe.components.metrics import peak_memory_gib
 from torchtitan_disagmoe.config.job_config import JobConfig
 from torchtitan_disagmoe.distributed.af_engine import AFPipeRuntime
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
-from torchtitan_disagmoe.distributed.disagg_model import split_model
+from torchtitan_disagmoe.distributed.disagg_model import compile_stages, split_model
 from torchtitan_disagmoe.distributed.dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL,
                                                       RESIDUAL_GRAD)
 from torchtitan_disagmoe.distributed.expert_parallel import AllToAllTokenDispatcher, reduce_expert_grads
@@ -188,6 +188,8 @@ class DisaggregatedLayout:
         with torch.device("meta"):
             self.model = spec.model_cls(args)
         self.expert_params = split_model(self.model, self.dims, rank)
+        if config.compile.enable:
+            compile_stages(self.model, config.compile.components)
         materialize(self.model, spec, args, device, config.training.seed)
         moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
         self.runtime = AFPipeRuntime(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device,

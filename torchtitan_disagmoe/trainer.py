@@ -184,9 +184,21 @@ class Trainer:
         if self.config.moe.load_balance in ("aux_loss", "both"):
             values["aux_loss"] = self.layout.mean_over_batch(torch.stack(aux).sum().item() if aux else None)
         values.update(self.layout.step_metrics(self.device))
+        if self.config.compile.enable:
+            values["compiled_graphs"] = self._compiled_graphs()
         if self.skipped_steps:
             values["skipped_steps"] = self.skipped_steps
         return values
+
+    def _compiled_graphs(self) -> float:
+        """Graphs torch.compile built so far, summed over ranks: growth after warm-up means
+        recompilation (collective)."""
+        from torch._dynamo.utils import counters
+
+        total = torch.tensor([float(counters["stats"]["unique_graphs"])], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        return total.item()
 
     def _nonfinite_step(self, values: dict[str, float], params: list[torch.nn.Parameter]) -> dict[str, float]:
         """Name the parameters with NaN/Inf gradients on every rank (with their pool), then

@@ -96,6 +96,8 @@ CASES = [
      ["--job.dump_folder", "{tmp}/other_model_run", "--checkpoint.enable", "true"],
      ["does not fit model", "tok_embeddings.weight", "job.dump_folder"]),
     ("zero timeout", 1, ["--comm.train_timeout_seconds", "0"], ["comm.train_timeout_seconds"]),
+    ("unknown compile component", 1, ["--compile.enable", "true", "--compile.components", "attention,router"],
+     ["compile.components", "router", "experts"]),
     ("bad selective checkpointing option", 1,
      ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "often"],
      ["activation_checkpoint.selective_ac_option", "'op' or a positive integer"]),

@@ -274,7 +274,15 @@ class DisagMoE:
 @dataclass(kw_only=True, slots=True)
 class Compile:
     enable: bool = False
-    """torch.compile each transformer block."""
+    """torch.compile: each transformer block (colocated), or per af_pipe stage the parts
+    named in ``components``."""
+    components: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    """af_pipe: ``attention`` (each A-stage's attention, shared experts and dense FFN) and/or
+    ``experts`` (each F-stage's grouped experts), compiled separately, dynamic shapes."""
+
+    def __post_init__(self):
+        for component in self.components:
+            _check_choice("compile.components", component, ("attention", "experts"))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -424,9 +432,6 @@ class JobConfig:
 
             DisaggDims(dis.attention_ranks, dis.expert_ranks, dis.pipeline_depth, args.n_layers,
                        args.moe.num_experts).validate(world_size)
-            if self.compile.enable:
-                raise ValueError("compile.enable = true is not supported with disagmoe.mode = 'af_pipe' "
-                                 "yet; set compile.enable = false")
             if self.training.local_batch_size % dis.microbatches:
                 raise ValueError(
                     f"disagmoe.microbatches = {dis.microbatches} must divide training.local_batch_size = "

@@ -88,6 +88,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} expects a string, got {value!r}")
+    if origin is list:  # TOML array, or "a,b" on the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(key, item, item_type) for item in items]
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 

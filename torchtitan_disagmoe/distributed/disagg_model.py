@@ -62,3 +62,22 @@ def split_model(model: nn.Module, dims: DisaggDims, rank: int) -> list[nn.Parame
         del moe.expert_bias, moe.tokens_per_expert
         expert_params += shard_experts(moe.experts, dims.meshes[("expert", role.group)])
     return expert_params
+
+
+def compile_stages(model: nn.Module, components: list[str]) -> None:
+    """torch.compile what this rank's stages compute, each part on its own: ``attention``
+    (attention, shared experts, dense FFN of an A-stage) and ``experts`` (the grouped
+    experts of an F-stage). Rows per stage and tokens per expert change every step, so
+    shapes are dynamic from the start. ``Module.compile`` keeps parameter names."""
+    for block in model.layers.values():
+        if "attention" in components:
+            for name in ("attention", "feed_forward"):
+                if getattr(block, name, None) is not None:
+                    getattr(block, name).compile(dynamic=True)
+        moe = getattr(block, "moe", None)
+        if moe is None:
+            continue
+        if "attention" in components and moe.shared_experts is not None:
+            moe.shared_experts.compile(dynamic=True)
+        if "experts" in components and moe.experts is not None:
+            moe.experts.compile(dynamic=True)
