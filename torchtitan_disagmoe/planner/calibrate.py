@@ -133,7 +133,7 @@ def _fwd_bwd_times(forward, repeats: int) -> tuple[float, float]:
         if i:  # the first is a warm-up
             fwd.append(mid - start)
             bwd.append(end - start_bwd)
-    return statistics.median(fwd), statistics.median(bwd)
+    return min(fwd), min(bwd)  # the stage's own cost: other load only ever adds to it
 
 
 def build_model(name: str, flavor: str, seed: int = 0):
@@ -406,41 +406,50 @@ def _work(seconds_hint: float = 0.3) -> float:
     return time.perf_counter() - start
 
 
-def _capacity_worker(_: int, start_event, out_queue) -> None:
+def _model_work(model, iterations: int = 4, tokens: int = 512) -> float:
+    """The model's own forward + backward (what the ranks run, with its working set:
+    weights, activations, logits); its wall time."""
+    x = torch.randint(0, model.output.out_features, (tokens // 128, 128))
+    start = time.perf_counter()
+    for _ in range(iterations):
+        model(x).float().logsumexp(-1).mean().backward()
+    return time.perf_counter() - start
+
+
+def _capacity_worker(_: int, start_event, out_queue, name: str, flavor: str) -> None:
     torch.set_num_threads(1)
-    _work(0.05)
+    model = build_model(name, flavor)[0]
+    _model_work(model, 1)
     start_event.wait()
-    out_queue.put(_work())
+    out_queue.put(_model_work(model))
 
 
-def measure_capacity(cores: int | None = None, repeats: int = 3) -> float:
-    """Cores this host gives ``cores`` concurrent one-thread processes, in units of one
-    process running alone (about ``cores`` on an idle host; less when other load or
-    shared caches and memory bandwidth take a share; with more processes than cores,
-    context switches take theirs). The simulator's ``cores`` for a job of that many ranks."""
+def measure_capacity(cores: int | None = None, repeats: int = 3, name: str = "qwen3_moe",
+                     flavor: str = "debug") -> float:
+    """Cores this host gives ``cores`` concurrent one-thread processes, each training the
+    model (forward + backward), in units of one process alone (about ``cores`` on an idle
+    host; less when other load, shared caches and memory bandwidth or, with more processes
+    than cores, context switches take a share). The simulator's ``cores`` for a job of
+    that many ranks."""
     import torch.multiprocessing as mp
 
     cores = cores or os.cpu_count() or 1
     ctx = mp.get_context("spawn")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = []
-        for _ in range(repeats):
-            alone = _work()
-            start, queue = ctx.Event(), ctx.Queue()
-            procs = [ctx.Process(target=_capacity_worker, args=(i, start, queue)) for i in range(cores)]
-            for proc in procs:
-                proc.start()
-            time.sleep(1.0)  # let them import torch and warm up
-            start.set()
-            times = [queue.get() for _ in procs]
-            for proc in procs:
-                proc.join()
-            results.append(sum(alone / t for t in times))
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(results)
+
+    def speeds(n: int) -> float:  # summed iterations per second of n concurrent processes
+        start, queue = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_capacity_worker, args=(i, start, queue, name, flavor)) for i in range(n)]
+        for proc in procs:
+            proc.start()
+        time.sleep(4.0)  # let them import torch, build the model and warm up
+        start.set()
+        times = [queue.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        return sum(1 / t for t in times)
+    # alone and together in spawned processes alike (a spawned process is ~10% slower
+    # than a long-lived one here), interleaved against drifting load
+    return statistics.median(speeds(cores) / speeds(1) for _ in range(repeats)) if cores > 1 else 1.0
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ A step is forward/backward plus a tail (gradient reduction, clipping, optimizer,
     predict_af_pipe(calibrate(), attention=2, expert=2, depth=1, microbatches=2, global_batch=8)
 """
 
+import math
 from dataclasses import dataclass
 
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
@@ -70,6 +71,14 @@ class ModelShape:
                 tensors[layer] = tensors.get(layer, 0) + 1
         return ModelShape(args.n_layers, [args.is_moe_layer(i) for i in range(args.n_layers)], args.dim,
                           args.moe.top_k, args.moe.num_experts, attn, expert, tensors)
+
+
+def scheduler_slice_s(cores: int) -> float:
+    """Linux's default EEVDF base slice, 0.75 ms x (1 + log2 cores): how long a woken
+    thread may wait for a core that another thread is computing on. A transfer between
+    busy ranks waits about half a slice at each end (gloo's sending and receiving
+    threads), so one slice in all."""
+    return 0.75e-3 * (1 + math.floor(math.log2(max(1, cores))))
 
 
 def _nearest(fits: dict[int, Linear], key: int) -> Linear:
@@ -127,6 +136,7 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     programs = with_post_ops(schedule_program_per_rank(dims, shape.moe_layers, microbatches))
     is_attention = lambda r: r < attention  # noqa: E731
     sender = af_sender_fn(is_attention, lambda r: dims.role(r).group, depth)
+    scale = stage_scale(cal, shape)
     row_bytes = {"dispatch": 4 * shape.dim + 4 * shape.top_k + 8 * (shape.top_k + 1), "combine": 4 * shape.dim + 8,
                  "dispatch_grad": 4 * shape.dim + 4 * shape.top_k, "combine_grad": 4 * shape.dim}
     rows = _rows_per_expert_rank(shape, tokens, ep)
@@ -140,15 +150,19 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         name, layer, _ = op
         if name.startswith("post_"):
             transfer = (name[5:], layer, op[2])
-            return comm.get("busy_post", comm["post"]) + (nbytes(transfer[0], rank) / comm["bandwidth"] if sender(transfer, rank) else 0.0)
+            return comm["post"] + (nbytes(transfer[0], rank) / comm["bandwidth"] if sender(transfer, rank) else 0.0)
         if is_transfer(name):
             return nbytes(name, rank) / comm["bandwidth"]
-        return _stage_time(st, shape, name, layer, tokens, dp, ep)
+        return scale * _stage_time(st, shape, name, layer, tokens, dp, ep)
 
-    # gloo's latency between idle ranks, twice for rows (their counts go first)
+    # gloo's latency between idle ranks, twice for rows (their counts go first); a
+    # transfer that starts while every core computes also waits for gloo's threads to
+    # get a core: about one scheduler slice (``scheduler_slice_s``)
     latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)  # noqa: E731
+    busy_latency = lambda op: latency(op) + scheduler_slice_s(cal.cores)  # noqa: E731
     result = simulate(programs, duration, _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth)),
-                      is_sender=sender, latency_fn=latency, cores=cores or cal.capacity_for(world))
+                      is_sender=sender, latency_fn=latency, cores=cores or cal.capacity_for(world),
+                      busy_latency_fn=busy_latency, busy_at=cal.cores)
     params, extra = [], 0.0
     for r in range(world):
         role = dims.role(r)
@@ -164,6 +178,20 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     tail = _tail(cal, params, TRAINER_ALL_REDUCES["af_pipe"], world if world in cal.comm else max(cal.comm), extra)
     name = f"af_pipe A{attention} F{expert} p{depth} m{microbatches}"
     return Prediction(name, result.makespan + tail, result.makespan, tail)
+
+
+def stage_scale(cal: Calibration, shape: ModelShape) -> float:
+    """Measured one-process forward/backward of the whole model (``measure_trainer``) over
+    the sum of the stage curves for the same tokens. The curves are each stage's best of
+    7 back-to-back calls (caches warm); in a step every stage runs once on other data,
+    so each takes this factor longer (1.2 here)."""
+    tokens, fb = cal.trainer.get("tokens"), cal.trainer.get("forward_backward")
+    if not tokens or not fb:
+        return 1.0
+    ops = [(f"attention_{d}", l) for l in range(shape.n_layers + 1) for d in ("forward", "backward")]
+    ops += [(f"expert_{d}", l) for l in range(shape.n_layers) if shape.moe_layers[l] for d in ("forward", "backward")]
+    total = sum(_stage_time(cal.stages, shape, name, layer, tokens, 1, 1) for name, layer in ops)
+    return fb / total if total > 0 else 1.0
 
 
 def _stage_time(st: StageFits, shape: ModelShape, name: str, layer: int, tokens: float, dp: int, ep: int) -> float:
@@ -199,6 +227,7 @@ def predict_colocated(cal: Calibration, world: int, global_batch: int, seq_len: 
         raise ValueError(f"global_batch = {global_batch} must be a multiple of world = {world}")
     tokens, st, comm = global_batch // world * seq_len, cal.stages, _comm(cal, world)
     programs = {r: colocated_program(shape.n_layers) for r in range(world)}
+    scale = stage_scale(cal, shape)
     copy_bytes = tokens * shape.top_k * (world - 1) / world * 4 * shape.dim  # rows leaving the rank
 
     def duration(op: Op, rank: int) -> float:
@@ -213,8 +242,8 @@ def predict_colocated(cal: Calibration, world: int, global_batch: int, seq_len: 
         if name.startswith("expert"):  # every rank gets tokens * K copies on average
             fit = _nearest(st.expert_forward if name.endswith("forward") else st.expert_backward,
                            shape.num_experts // world)
-            return fit(tokens * shape.top_k)
-        return _stage_time(st, shape, name, layer, tokens, 1, 1)
+            return scale * fit(tokens * shape.top_k)
+        return scale * _stage_time(st, shape, name, layer, tokens, 1, 1)
 
     result = simulate(programs, duration, blocking=True, cores=cores or cal.capacity_for(world))
     total_attn = sum(shape.attention_params.values())

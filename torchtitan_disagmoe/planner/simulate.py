@@ -99,7 +99,8 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
              deps: DepsFn | Mapping[Op, Iterable[Op]] | None = None, blocking: bool = False,
              is_sender: Callable[[Op, int], bool] | None = None,
              latency_fn: Callable[[Op], float] | None = None, cores: int | None = None,
-             host_of: Callable[[int], int] | None = None) -> SimResult:
+             host_of: Callable[[int], int] | None = None,
+             busy_latency_fn: Callable[[Op], float] | None = None, busy_at: int = 2) -> SimResult:
     """Replay the lists (module docstring); returns makespan and busy intervals.
 
     Args:
@@ -112,11 +113,15 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
             again (latency delays the consumer, it does not occupy the link); None: 0.
         cores: compute ops that may run at once per host (module docstring); None: no limit.
         host_of: ``rank -> host``; None: all ranks on one host.
+        busy_latency_fn: with ``cores``, the latency of a transfer that starts while a
+            host of its ranks runs ``busy_at`` or more compute ops (its cores all taken,
+            e.g. gloo's threads must wait for one); None: always ``latency_fn``.
     """
     if cores is not None and cores <= 0:
         raise ValueError(f"cores = {cores} must be > 0 (or None: no limit)")
     sim = _Simulation(program_per_rank, duration_fn, _deps_fn(deps), blocking, is_sender, latency_fn)
     sim.cores, sim.host_of = cores, host_of or (lambda rank: 0)
+    sim.busy_latency_fn, sim.busy_at = busy_latency_fn, busy_at
     return sim.run()
 
 
@@ -147,6 +152,8 @@ class _Simulation:
         self.active: dict[int, dict[int, list]] = defaultdict(dict)
         self.updated: dict[int, float] = defaultdict(float)
         self.version: dict[int, int] = defaultdict(int)
+        self.busy_latency_fn: Callable[[Op], float] | None = None
+        self.busy_at = 2
 
     def run(self) -> SimResult:
         now = 0.0
@@ -245,13 +252,22 @@ class _Simulation:
                 for lane in lanes:
                     self.link_until[lane] = end
                     self.result.intervals[lane[0]].append(Interval(lane[0], op, now, end, lane[1]))
-                arrival = end + max(0.0, float(self.latency_fn(op)))
+                arrival = end + max(0.0, float(self._latency(op)))
                 if arrival > end:
                     self._push(None, (), end)  # wake up when the links are free again
                 self._push(op, self.members[op], arrival)
                 started.append(op)
         self.ready_transfers = [op for op in self.ready_transfers if op not in started]
         return bool(started)
+
+    def _latency(self, op: Op) -> float:
+        """``busy_latency_fn`` when, as the transfer starts, a host of its ranks has at
+        least ``busy_at`` compute ops running (no core free for gloo's threads), else
+        ``latency_fn``."""
+        if self.busy_latency_fn is not None and self.cores is not None:
+            if max(len(self.active[self.host_of(r)]) for r in self.members[op]) >= self.busy_at:
+                return self.busy_latency_fn(op)
+        return self.latency_fn(op)
 
     def _duration(self, op: Op, ranks: list[int]) -> float:
         duration = max(float(self.duration_fn(op, r)) for r in ranks)
