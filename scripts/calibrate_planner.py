@@ -27,8 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from torchtitan_disagmoe.planner.calibrate import calibrate  # noqa: E402
-from torchtitan_disagmoe.planner.cpu_predict import AF_GRID, ModelShape, predict_af_pipe, predict_colocated  # noqa: E402
+from torchtitan_disagmoe.planner.calibrate import calibrate
+from torchtitan_disagmoe.planner.cpu_predict import (
+    AF_GRID,
+    ModelShape,
+    predict_af_pipe,
+    predict_colocated,
+)
 
 
 def _free_port() -> int:
@@ -54,7 +59,7 @@ def run_config(kind: str, cfg: tuple, global_batch: int, steps: int, warmup: int
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                "--master-port", str(_free_port()), "-m", "torchtitan_disagmoe.train", "--job.config_file", config,
                "--job.dump_folder", dump] + [x for k, v in over.items() for x in (f"--{k}", str(v))]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(dump) / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""Planner: cost formulas, routing expectation, memory check, search, simulator, CLI.
+"""Planner: cost formulas, routing expectation, memory check, search, simulator, CLI,
+CPU calibration (with injected measurements).
 
 Fast and hermetic: no micro-benchmarks run (``this-machine`` reads an injected result).
 """
@@ -13,8 +14,25 @@ from torchtitan_disagmoe.models.moe import MoEArgs
 from torchtitan_disagmoe.models.qwen3_moe import Qwen3MoEArgs
 from torchtitan_disagmoe.planner.__main__ import main
 from torchtitan_disagmoe.planner.af_pipe import AFLayout, estimate_af_pipe
+from torchtitan_disagmoe.planner.calibrate import (
+    Calibration,
+    Linear,
+    StageFits,
+    fit_linear,
+    fit_points,
+)
 from torchtitan_disagmoe.planner.clusters import Cluster, build_cluster
 from torchtitan_disagmoe.planner.cost import Efficiency, ModelCosts
+from torchtitan_disagmoe.planner.cpu_predict import (
+    AF_GRID,
+    ModelShape,
+    colocated_program,
+    predict_af_pipe,
+    predict_colocated,
+    scheduler_slice_s,
+    stage_scale,
+    with_post_ops,
+)
 from torchtitan_disagmoe.planner.memory import MemoryPolicy
 from torchtitan_disagmoe.planner.models import load_model_args, mean_keys
 from torchtitan_disagmoe.planner.programs import (
@@ -274,15 +292,6 @@ def test_memory_policy_and_unknown_model():
 
 
 # ---- calibration on this CPU (planner/calibrate.py, cpu_predict.py) -----------------------------
-from torchtitan_disagmoe.planner.calibrate import Calibration, Linear, StageFits, fit_linear  # noqa: E402
-from torchtitan_disagmoe.planner.cpu_predict import (  # noqa: E402
-    AF_GRID,
-    ModelShape,
-    colocated_program,
-    predict_af_pipe,
-    predict_colocated,
-    with_post_ops,
-)
 
 
 def test_simulator_shares_cores():
@@ -318,8 +327,16 @@ def test_fit_linear_and_calibration_round_trip():
     assert through_origin.a == 0 and through_origin.b == pytest.approx(7 / 5)
     with pytest.raises(ValueError):
         fit_linear([1], [1])
+    # with its points a curve interpolates them (the head bends at 1,024 tokens), and
+    # continues with the line's slope beyond them
+    curve = fit_points([512, 128, 1024], [4.0, 1.0, 12.0])
+    assert [curve(x) for x in (128, 320, 512, 768, 1024)] == pytest.approx([1.0, 2.5, 4.0, 8.0, 12.0])
+    assert curve(2048) == pytest.approx(12.0 + curve.b * 1024) and curve(0) >= 0
     cal = _const_calibration(1e-3)
+    cal.capacity = {2: 1.5, 4: 1.2}
+    assert (cal.capacity_for(2), cal.capacity_for(3), cal.capacity_for(4)) == (1.5, 1.5, 1.2)
     assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+    assert _const_calibration(1e-3).capacity_for(4) == 2.0  # none measured: the cores
 
 
 def _const_calibration(stage_s: float, latency: float = 0.0, post: float = 0.0) -> Calibration:
@@ -360,3 +377,27 @@ def test_post_ops_precede_every_transfer():
     programs = {0: [("attention_forward", 0, 0), ("dispatch", 0, 0)], 1: [("dispatch", 0, 0)]}
     assert with_post_ops(programs) == {0: [("attention_forward", 0, 0), ("post_dispatch", 0, 0), ("dispatch", 0, 0)],
                                        1: [("post_dispatch", 0, 0), ("dispatch", 0, 0)]}
+
+
+def test_busy_host_latency_and_stage_scale():
+    # 1 core: r0 and r2 share it until r0 ends at 2; dispatch [2, 3] starts while r2
+    # computes (the host is busy), so it arrives 0.5 later than an idle one would
+    programs = {0: [("attention_forward", 0, 0), ("dispatch", 0, 0)], 1: [("dispatch", 0, 0), ("expert_forward", 0, 0)],
+                2: [("attention_forward", 1, 0)]}
+    deps = {("dispatch", 0, 0): [("attention_forward", 0, 0)], ("expert_forward", 0, 0): [("dispatch", 0, 0)]}
+    duration = lambda op, rank: 5.0 if rank == 2 else 1.0
+    idle = simulate(programs, duration, deps, cores=1)
+    busy = simulate(programs, duration, deps, cores=1, busy_latency_fn=lambda op: 0.5, busy_at=1)
+    # idle: r1 [3, 5] at half speed beside r2; busy: arrives 3.5, r1 [3.5, 5.5]
+    assert idle.finish[("expert_forward", 0, 0)] == pytest.approx(5.0)
+    assert busy.finish[("expert_forward", 0, 0)] == pytest.approx(5.5)
+    assert idle.makespan == busy.makespan == pytest.approx(7.0)  # r2's 5 s of work + 2 s shared
+    assert scheduler_slice_s(2) == pytest.approx(1.5e-3) and scheduler_slice_s(1) == pytest.approx(0.75e-3)
+    # the one-process step of 18 stages of 1 ms measured at 27 ms: every stage counts 1.5x
+    cal = _const_calibration(1e-3)
+    shape = ModelShape.of("qwen3_moe", "debug")
+    assert stage_scale(cal, shape) == 1.0  # no one-process measurement
+    cal.trainer = {"tokens": 1024, "forward_backward": 0.027, "tail": 0.0, "params": 0}
+    assert stage_scale(cal, shape) == pytest.approx(1.5)
+    one = predict_af_pipe(cal, 1, 1, 1, 1, global_batch=8, shape=shape)
+    assert one.step_s == pytest.approx(0.027)

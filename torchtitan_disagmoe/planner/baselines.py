@@ -42,7 +42,15 @@ from .estimate import (
     optimizer_time,
     unique_groups,
 )
-from .memory import MemoryPolicy, MemoryReport, attention_act_per_token, available, expert_act, head_transient, worst
+from .memory import (
+    MemoryPolicy,
+    MemoryReport,
+    attention_act_per_token,
+    available,
+    expert_act,
+    head_transient,
+    worst,
+)
 
 BASELINES = ("ep_1f1b_interleaved", "ep_overlap", "dualpipe")
 

@@ -134,7 +134,7 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     tokens = global_batch // dp * seq_len / microbatches  # per attention rank and micro-batch
     comm = _comm(cal, world)
     programs = with_post_ops(schedule_program_per_rank(dims, shape.moe_layers, microbatches))
-    is_attention = lambda r: r < attention  # noqa: E731
+    is_attention = lambda r: r < attention
     sender = af_sender_fn(is_attention, lambda r: dims.role(r).group, depth)
     scale = stage_scale(cal, shape)
     row_bytes = {"dispatch": 4 * shape.dim + 4 * shape.top_k + 8 * (shape.top_k + 1), "combine": 4 * shape.dim + 8,
@@ -158,8 +158,8 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     # gloo's latency between idle ranks, twice for rows (their counts go first); a
     # transfer that starts while every core computes also waits for gloo's threads to
     # get a core: about one scheduler slice (``scheduler_slice_s``)
-    latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)  # noqa: E731
-    busy_latency = lambda op: latency(op) + scheduler_slice_s(cal.cores)  # noqa: E731
+    latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)
+    busy_latency = lambda op: latency(op) + scheduler_slice_s(cal.cores)
     result = simulate(programs, duration, _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth)),
                       is_sender=sender, latency_fn=latency, cores=cores or cal.capacity_for(world),
                       busy_latency_fn=busy_latency, busy_at=cal.cores)

@@ -18,7 +18,13 @@
 from collections.abc import Callable
 
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
-from torchtitan_disagmoe.distributed.pipelining_ir import BACKWARD, FORWARD, RECV_F, SEND_B, SEND_F
+from torchtitan_disagmoe.distributed.pipelining_ir import (
+    BACKWARD,
+    FORWARD,
+    RECV_F,
+    SEND_B,
+    SEND_F,
+)
 from torchtitan_disagmoe.distributed.schedule import AFPipeShape, build_af_pipe_schedule
 
 from .af_pipe import AFLayout, _expert_load, links

@@ -264,9 +264,9 @@ class _Simulation:
         """``busy_latency_fn`` when, as the transfer starts, a host of its ranks has at
         least ``busy_at`` compute ops running (no core free for gloo's threads), else
         ``latency_fn``."""
-        if self.busy_latency_fn is not None and self.cores is not None:
-            if max(len(self.active[self.host_of(r)]) for r in self.members[op]) >= self.busy_at:
-                return self.busy_latency_fn(op)
+        if (self.busy_latency_fn is not None and self.cores is not None
+                and max(len(self.active[self.host_of(r)]) for r in self.members[op]) >= self.busy_at):
+            return self.busy_latency_fn(op)
         return self.latency_fn(op)
 
     def _duration(self, op: Op, ranks: list[int]) -> float:
