@@ -6,7 +6,9 @@
    1, 2, 4) and colocated EP on 2 and 4 ranks, all at the same global batch.
 3. With ``--measure``: run each configuration for real (torchrun, gloo, the debug job
    file), ``--repeats`` times, and take the median over runs of each run's median step
-   time after ``--warmup`` steps; print the table with the error.
+   time after ``--warmup`` steps; print the table with the error. ``--probe`` times the
+   one-process step again before each configuration and predicts with it (the host's
+   speed drifts with other users' load); ``--nice -10`` shields the runs from that load.
 
     python scripts/calibrate_planner.py                    # predictions only (~1 min first time)
     python scripts/calibrate_planner.py --measure --repeats 2 --json out.json
@@ -14,6 +16,7 @@
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -34,6 +37,7 @@ from torchtitan_disagmoe.planner.cpu_predict import (
     predict_af_pipe,
     predict_colocated,
 )
+from torchtitan_disagmoe.planner.host_bench import measure_trainer
 
 
 def _free_port() -> int:
@@ -77,6 +81,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--config", default="train_configs/debug_model.toml")
     parser.add_argument("--json", default="", help="write the table here")
+    parser.add_argument("--probe", action="store_true",
+                        help="before each configuration, time the one-process step again (~15 s) and predict "
+                             "with it: follows other users' load drifting between calibration and runs")
     parser.add_argument("--nice", type=int, default=0,
                         help="run calibration and jobs at this niceness (< 0 needs root): on a shared "
                              "host, shields the measurements from other users' load")
@@ -85,15 +92,24 @@ def main() -> None:
         os.nice(args.nice)  # inherited by every process started below
     cal = calibrate(refresh=args.refresh)
     shape = ModelShape.of()
-    configs = [("af_pipe", c, predict_af_pipe(cal, *c, global_batch=args.global_batch, shape=shape)) for c in AF_GRID]
-    configs += [("colocated", (w,), predict_colocated(cal, w, args.global_batch, shape=shape)) for w in (2, 4)]
+
+    def predict(kind, cfg, c):
+        if kind == "af_pipe":
+            return predict_af_pipe(c, *cfg, global_batch=args.global_batch, shape=shape)
+        return predict_colocated(c, cfg[0], args.global_batch, shape=shape)
+    configs = [("af_pipe", c) for c in AF_GRID] + [("colocated", (w,)) for w in (2, 4)]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     rows = []
     print(f"{'configuration':30} {'predicted s':>11} {'(fwd/bwd':>9} {'tail)':>7} {'measured s':>11} {'runs':>16} "
           f"{'error':>7}")
-    for kind, cfg, pred in configs:
+    for kind, cfg in configs:
+        pred = predict(kind, cfg, cal)
         if only and pred.name not in only:
             continue
+        probe = None
+        if args.probe:
+            probe = measure_trainer(args.config, steps=9)
+            pred = predict(kind, cfg, dataclasses.replace(cal, trainer={**cal.trainer, **probe}))
         runs, loads = [], []
         if args.measure:
             for _ in range(args.repeats):
@@ -103,6 +119,7 @@ def main() -> None:
         err = (pred.step_s - measured) / measured * 100 if measured else None
         rows.append({"configuration": pred.name, "predicted_s": pred.step_s, "forward_backward_s": pred.forward_backward_s,
                      "tail_s": pred.tail_s, "measured_s": measured, "runs_s": runs, "error_pct": err, "load_avg_1min": loads,
+                     "probe": probe,
                      "time": time.strftime("%H:%M:%S")})
         print(f"{pred.name:30} {pred.step_s:11.4f} {pred.forward_backward_s:9.4f} {pred.tail_s:7.4f} "
               f"{measured if measured else float('nan'):11.4f} {' '.join(f'{r:.3f}' for r in runs):>16} "
