@@ -26,7 +26,7 @@ from torchtitan_disagmoe.components.metrics import peak_memory_gib
 from torchtitan_disagmoe.config.job_config import JobConfig
 from torchtitan_disagmoe.distributed.af_engine import AFPipeRuntime
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
-from torchtitan_disagmoe.distributed.disagg_model import compile_stages, split_model
+from torchtitan_disagmoe.distributed.disagg_model import compile_stages, shard_attention_group, split_model
 from torchtitan_disagmoe.distributed.dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL,
                                                       RESIDUAL_GRAD)
 from torchtitan_disagmoe.distributed.expert_parallel import AllToAllTokenDispatcher, reduce_expert_grads
@@ -190,6 +190,12 @@ class DisaggregatedLayout:
         self.expert_params = split_model(self.model, self.dims, rank)
         if config.compile.enable:
             compile_stages(self.model, config.compile.components)
+        # FSDP2 over the attention group (parallelism.data_parallel_shard_degree -1 or the
+        # group size); 1 keeps plain replicas, averaged by all-reduce.
+        self.fsdp = (self.role.pool == "attention" and self.dims.dp > 1
+                     and config.parallelism.data_parallel_shard_degree != 1)
+        if self.fsdp:
+            shard_attention_group(self.model, self.dims.my_mesh(rank))
         materialize(self.model, spec, args, device, config.training.seed)
         moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
         self.runtime = AFPipeRuntime(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device,
@@ -207,7 +213,8 @@ class DisaggregatedLayout:
     def describe(self) -> str:
         dm = self.dims
         return (f"af_pipe: attention {dm.attention_ranks} ranks, experts {dm.expert_ranks} ranks, "
-                f"p = {dm.pipeline_depth} (dp {dm.dp}, ep {dm.ep}); this rank: {self.role}")
+                f"p = {dm.pipeline_depth} (dp {dm.dp}{', FSDP2' if self.fsdp else ''}, ep {dm.ep}); "
+                f"this rank: {self.role}")
 
     def forward_backward(self, inputs, labels) -> torch.Tensor | None:
         return self.runtime.step(inputs, labels)
@@ -219,7 +226,7 @@ class DisaggregatedLayout:
             if param.grad is None:  # e.g. experts that received no token this step
                 param.grad = torch.zeros_like(param)
         if self.role.pool == "attention":
-            if self.dims.dp > 1:
+            if self.dims.dp > 1 and not self.fsdp:
                 group = self.dims.my_group(self.rank)
                 for param in self.model.parameters():
                     dist.all_reduce(param.grad, group=group)

@@ -153,7 +153,8 @@ SINGLE_STAGE_SCHEDULES = ("1F1B",)
 @dataclass(kw_only=True, slots=True)
 class Parallelism:
     data_parallel_shard_degree: int = -1
-    """FSDP2 degree over the data-parallel ranks; -1: all of them."""
+    """FSDP2 degree over the data-parallel ranks; -1: all of them. af_pipe: -1 shards the
+    attention weights over each attention group, 1 keeps replicas (all-reduce)."""
     expert_parallel_degree: int = 1
     """Ranks the experts of each MoE layer are sharded over (colocated mode); -1: all
     data-parallel ranks (so one job file runs on any NGPU that divides the experts)."""
@@ -432,6 +433,12 @@ class JobConfig:
 
             DisaggDims(dis.attention_ranks, dis.expert_ranks, dis.pipeline_depth, args.n_layers,
                        args.moe.num_experts).validate(world_size)
+            group = dis.attention_ranks // dis.pipeline_depth
+            if par.data_parallel_shard_degree not in (-1, 1, group):
+                raise ValueError(
+                    f"parallelism.data_parallel_shard_degree = {par.data_parallel_shard_degree}: af_pipe shards "
+                    f"attention weights over a whole attention group ({group} ranks) or not at all; set it to -1 "
+                    f"or {group} (FSDP2 over the group) or 1 (replicas, all-reduce)")
             if self.training.local_batch_size % dis.microbatches:
                 raise ValueError(
                     f"disagmoe.microbatches = {dis.microbatches} must divide training.local_batch_size = "

@@ -81,3 +81,25 @@ def compile_stages(model: nn.Module, components: list[str]) -> None:
             moe.shared_experts.compile(dynamic=True)
         if "experts" in components and moe.experts is not None:
             moe.experts.compile(dynamic=True)
+
+
+def shard_attention_group(model: nn.Module, mesh) -> None:
+    """FSDP2 over the attention group's data-parallel ranks, one unit per module the
+    runtime calls (attention, norms, router, shared experts, dense FFN, embedding, head).
+
+    Why not one unit per block as in colocated runs: the AF-Pipe runtime never calls a
+    block's ``forward`` (an A-stage is the block's attention half plus routing), and FSDP2
+    unshards on a module's forward. Parameters stay unsharded from forward to backward
+    (as under pipeline parallelism): a stage's backward comes micro-batches later.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    units = [model.tok_embeddings, model.norm, model.output]
+    for block in model.layers.values():
+        units += [block.attention_norm, block.attention, block.ffn_norm, getattr(block, "feed_forward", None)]
+        moe = getattr(block, "moe", None)
+        if moe is not None:
+            units += [moe.router, moe.shared_experts]
+    for unit in units:
+        if unit is not None and any(p.requires_grad for p in unit.parameters()):
+            fully_shard(unit, mesh=mesh, reshard_after_forward=False)

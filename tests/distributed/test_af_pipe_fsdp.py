@@ -1,0 +1,42 @@
+"""FSDP2 inside the attention group of af_pipe: with the default
+``parallelism.data_parallel_shard_degree = -1`` the attention weights are DTensor shards
+over the group (the parity matrix in test_af_pipe_parity.py then runs sharded for every
+layout with 2 attention ranks per group); with 1 they are plain replicas averaged by
+all-reduce. Both equal the single-process reference."""
+
+import pytest
+
+from torchtitan_disagmoe.config.manager import with_overrides
+
+from .harness import run_distributed, run_single, spawn
+from .test_af_pipe_parity import _config
+from .test_colocated_parity import assert_matches_reference
+
+pytestmark = pytest.mark.slow
+
+
+def _placements(config, cache):
+    from torchtitan_disagmoe.trainer import Trainer
+
+    trainer = Trainer(config, cache_dir=cache)
+    try:
+        params = dict(trainer.model.named_parameters())
+        wq = params.get("layers.0.attention.wq.weight")
+        return {"type": type(wq).__name__, "local_rows": wq.to_local().shape[0] if hasattr(wq, "to_local") else None}
+    finally:
+        trainer.close()
+
+
+def test_attention_weights_are_sharded_over_the_group_by_default(tmp_path):
+    config = _config(tmp_path / "out", "qwen3_moe", "debug", a=2, f=1, p=1, dp=2)
+    got = spawn(3, _placements, config, str(tmp_path / "cache"))
+    assert got == {"type": "DTensor", "local_rows": 64}  # wq: 128 rows over 2 ranks
+
+
+def test_replicated_attention_matches_reference(tmp_path):
+    cache = str(tmp_path / "cache")
+    reference = run_single(_config(tmp_path / "ref", "qwen3_moe", "debug", steps=6), cache, steps=6)
+    config = with_overrides(_config(tmp_path / "af", "qwen3_moe", "debug", a=2, f=1, p=1, dp=2, microbatches=2,
+                                    steps=6), parallelism={"data_parallel_shard_degree": 1})
+    result = run_distributed(config, 3, cache, steps=6)
+    assert_matches_reference(result, reference)
