@@ -1,7 +1,8 @@
 """Predicted vs measured step time of real runs on this CPU (docs/planner.md, section 8).
 
 1. Calibrate (``planner/calibrate.py``, cached; ``--refresh`` measures again): the
-   runtime's stage functions on one thread, fitted a + b x, and gloo costs.
+   runtime's stage functions on one thread, the one-process step, gloo costs and the
+   cores concurrent ranks share.
 2. Predict (``planner/cpu_predict.py``) af_pipe layouts (A 1-2, F 1-2, p 1-2, micro-batches
    1, 2, 4) and colocated EP on 2 and 4 ranks, all at the same global batch.
 3. With ``--measure``: run each configuration for real (torchrun, gloo, the debug job
@@ -10,7 +11,7 @@
    one-process step again before each configuration and predicts with it (the host's
    speed drifts with other users' load); ``--nice -10`` shields the runs from that load.
 
-    python scripts/calibrate_planner.py                    # predictions only (~1 min first time)
+    python scripts/calibrate_planner.py                    # predictions only (~4 min to calibrate the first time)
     python scripts/calibrate_planner.py --measure --repeats 2 --json out.json
     python scripts/calibrate_planner.py --measure --only "af_pipe A1 F1 p1 m2"
 """

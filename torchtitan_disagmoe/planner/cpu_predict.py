@@ -1,20 +1,21 @@
-"""Step time of real runs on this CPU, predicted from the calibration (``calibrate.py``).
+"""Step time of real runs on this CPU, predicted from the calibration (``calibrate.py``;
+docs/planner.md section 8).
 
 A step is forward/backward plus a tail (gradient reduction, clipping, optimizer, metrics):
 
 - af_pipe: the runtime's own action lists (``programs.schedule_program_per_rank``) are
-  replayed by the simulator with every stage's time from the fitted single-thread stage
-  costs at this layout's token counts, every transfer taking bytes / gloo bandwidth and
-  arriving one gloo latency later (two for dispatch and combine: their row counts go
-  first), and the host's cores shared (``simulate(cores=...)``: with more ranks than
-  cores, at most ``cores`` stages run at once).
+  replayed by the simulator with every stage's time from the single-thread stage curves
+  x ``stage_scale`` at this layout's token counts; before each transfer its ranks post it
+  (a compute op); a transfer takes bytes / gloo bandwidth and arrives one gloo latency
+  later (two for dispatch and combine: their row counts go first), plus a scheduler slice
+  when it starts while every core computes. The host's cores are shared
+  (``simulate(cores=c)``, processor sharing, c the measured capacity for that many ranks).
 - colocated EP: every rank runs the same list (per layer: FSDP all-gather, attention,
   all-to-all of counts and rows, experts, all-to-all back; backward reversed with the
   reduce-scatter), collectives blocking on all ranks, cores shared the same way.
-- tail: the optimizer step of each rank's parameters (shared cores: at least the sum
-  over ranks / cores), the small all-reduces the trainer makes per step (loss, gradient
-  norm, routing counts, metrics) and, for af_pipe with dp > 1, one all-reduce per
-  attention parameter tensor.
+- tail: each rank's fixed per-step work and optimizer step (shared cores), the small
+  all-reduces the trainer makes per step (loss, gradient norm, routing counts, metrics)
+  and, for af_pipe with dp > 1, one all-reduce per attention parameter tensor.
 
     from torchtitan_disagmoe.planner.calibrate import calibrate
     from torchtitan_disagmoe.planner.cpu_predict import predict_af_pipe
