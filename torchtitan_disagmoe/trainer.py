@@ -219,6 +219,8 @@ class Trainer:
         logger.warning(message + "; skipping this step's update (training.skip_nonfinite_steps)")
         self.skipped_steps += 1
         self.optimizers.zero_grad()
+        for moe in self.moes:  # this step's routing counts must not reach the next bias update
+            moe.tokens_per_expert.zero_()
         self.layout.step_metrics(self.device)  # collective: keep every rank's counters in step
         return {**values, "skipped_steps": self.skipped_steps}
 
