@@ -194,13 +194,13 @@ class DisaggregatedLayout:
         # group size); 1 keeps plain replicas, averaged by all-reduce.
         self.fsdp = (self.role.pool == "attention" and self.dims.dp > 1
                      and config.parallelism.data_parallel_shard_degree != 1)
-        if self.fsdp:
-            shard_attention_group(self.model, self.dims.my_mesh(rank))
+        fsdp_units = shard_attention_group(self.model, self.dims.my_mesh(rank), args.n_layers) if self.fsdp else {}
         materialize(self.model, spec, args, device, config.training.seed)
         moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
         self.runtime = AFPipeRuntime(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device,
                                      microbatches=d.microbatches, max_inflight=d.max_inflight,
                                      transfer_dtype=getattr(torch, d.transfer_dtype))
+        self.runtime.fsdp_units = fsdp_units
         for module in self.model.modules():  # each micro-batch's balance loss is 1/M of the step's
             if isinstance(module, MoE):
                 module.aux_loss_scale = 1.0 / d.microbatches

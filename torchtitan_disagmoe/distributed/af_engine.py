@@ -86,6 +86,7 @@ class AFPipeRuntime:
         self.timeout: timedelta | None = None
         self.activity = Activity()
         self.activation_checkpointing = NO_CHECKPOINTING  # per stage; set by the trainer
+        self.fsdp_units: dict[int, list] = {}  # FSDP2 units of each A-stage (attention group sharding)
 
     def stage_name(self, stage: int) -> str:
         if stage == 2 * self.num_layers:
@@ -114,6 +115,7 @@ class AFPipeRuntime:
         self.outbox: list[Pending] = []
         self.losses: list[torch.Tensor] = []
         self.times = StepTimes()
+        self.backwards_done = {stage: 0 for stage in self.fsdp_units}
         handlers = {FORWARD: self._forward, BACKWARD: self._backward, SEND_F: self._send_f,
                     RECV_F: self._recv_f, SEND_B: self._send_b, RECV_B: self._recv_b}
         for action in self.actions:
@@ -179,6 +181,14 @@ class AFPipeRuntime:
     def _backward(self, stage: int, mb: int) -> None:
         rec = self.records[(stage, mb)]
         grads = self._output_grads(stage, mb, rec)
+        if stage in self.fsdp_units:
+            # Keep the stage's weights gathered and its gradients unreduced until its last
+            # backward of the step: one all-gather and one reduce-scatter per step.
+            last = self.backwards_done[stage] == self.shape.microbatches - 1
+            for unit in self.fsdp_units[stage]:
+                unit.set_requires_gradient_sync(last)
+                unit.set_reshard_after_backward(last)
+            self.backwards_done[stage] += 1
         start = time.perf_counter()
         rec.backward(grads)
         self.times.compute += time.perf_counter() - start

@@ -83,7 +83,7 @@ def compile_stages(model: nn.Module, components: list[str]) -> None:
             moe.experts.compile(dynamic=True)
 
 
-def shard_attention_group(model: nn.Module, mesh) -> None:
+def shard_attention_group(model: nn.Module, mesh, num_layers: int) -> dict[int, list[nn.Module]]:
     """FSDP2 over the attention group's data-parallel ranks, one unit per module the
     runtime calls (attention, norms, router, shared experts, dense FFN, embedding, head).
 
@@ -91,15 +91,26 @@ def shard_attention_group(model: nn.Module, mesh) -> None:
     block's ``forward`` (an A-stage is the block's attention half plus routing), and FSDP2
     unshards on a module's forward. Parameters stay unsharded from forward to backward
     (as under pipeline parallelism): a stage's backward comes micro-batches later.
+
+    Returns:
+        The FSDP units of each A-stage (2l, and 2L for the head), so the runtime can
+        gather a stage's weights once per step and reduce its gradients once, at the
+        stage's last backward.
     """
     from torch.distributed.fsdp import fully_shard
 
-    units = [model.tok_embeddings, model.norm, model.output]
-    for block in model.layers.values():
-        units += [block.attention_norm, block.attention, block.ffn_norm, getattr(block, "feed_forward", None)]
+    units_of_stage: dict[int, list[nn.Module]] = {2 * num_layers: [model.norm, model.output]}
+    for layer_id, block in model.layers.items():
+        units = [block.attention_norm, block.attention, block.ffn_norm, getattr(block, "feed_forward", None)]
         moe = getattr(block, "moe", None)
         if moe is not None:
             units += [moe.router, moe.shared_experts]
-    for unit in units:
-        if unit is not None and any(p.requires_grad for p in unit.parameters()):
-            fully_shard(unit, mesh=mesh, reshard_after_forward=False)
+        if int(layer_id) == 0:
+            units.append(model.tok_embeddings)
+        units_of_stage[2 * int(layer_id)] = units
+    sharded: dict[int, list[nn.Module]] = {}
+    for stage, units in units_of_stage.items():
+        for unit in units:
+            if unit is not None and any(p.requires_grad for p in unit.parameters()):
+                sharded.setdefault(stage, []).append(fully_shard(unit, mesh=mesh, reshard_after_forward=False))
+    return sharded
