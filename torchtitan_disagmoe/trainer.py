@@ -32,7 +32,7 @@ from torchtitan_disagmoe.components.preflight import preflight
 from torchtitan_disagmoe.config.job_config import JobConfig
 from torchtitan_disagmoe.config.manager import config_to_dict
 from torchtitan_disagmoe.data.dataloader import build_dataloader
-from torchtitan_disagmoe.data.tokenizer import build_tokenizer, check_vocab
+from torchtitan_disagmoe.data.tokenizer import build_tokenizer
 from torchtitan_disagmoe.distributed.failure import (
     Activity, Heartbeats, TrainingFailure, Watchdog, failure_report)
 from torchtitan_disagmoe.distributed.utils import (
@@ -128,7 +128,7 @@ class Trainer:
             return None
         cache = self.cache_dir
         tokenizer = build_tokenizer(self.config.model.tokenizer_path or None, self.model_args.vocab_size, cache)
-        check_vocab(tokenizer, self.model_args.vocab_size)
+        # The vocabulary was checked against the model before start-up (components/preflight.py).
         t = self.config.training
         return build_dataloader(t.dataset, t.dataset_path or None, tokenizer, t.seq_len, t.local_batch_size,
                                 dp_rank=self.layout.dp_rank, dp_degree=self.layout.dp_degree, seed=t.seed,
@@ -170,7 +170,7 @@ class Trainer:
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         values = {"loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr}
         if not (math.isfinite(mean_loss) and math.isfinite(values["grad_norm"])):
-            return self._nonfinite_step(values, params)
+            return self._nonfinite_step(values)
         counts_LE = update_expert_bias(
             self.moes, self.config.moe.bias_update_rate,
             self.config.moe.load_balance in ("aux_loss_free", "both"), self.layout.router_group,
@@ -200,7 +200,7 @@ class Trainer:
             torch.distributed.all_reduce(total)
         return total.item()
 
-    def _nonfinite_step(self, values: dict[str, float], params: list[torch.nn.Parameter]) -> dict[str, float]:
+    def _nonfinite_step(self, values: dict[str, float]) -> dict[str, float]:
         """Name the parameters with NaN/Inf gradients on every rank (with their pool), then
         stop or skip. Collective, and every rank takes this path together."""
         bad = [name for name, p in self.model.named_parameters() if p.grad is not None

@@ -157,7 +157,7 @@ class Watchdog:
 
 
 def failure_report(error: BaseException, activity: Activity, heartbeats: Heartbeats, world_size: int,
-                   roles: dict[int, str] | None = None, stale_s: float = 3.0) -> str:
+                   stale_s: float = 3.0) -> str:
     """One paragraph: who failed, doing what, waiting for whom, and which rank failed first.
 
     Other ranks are classified from the store: a rank that failed marks its heartbeat
@@ -191,7 +191,7 @@ def failure_report(error: BaseException, activity: Activity, heartbeats: Heartbe
         time.sleep(0.25)
     causes = []
     for r, beat in sorted(silent.items()):
-        role = (beat or {}).get("role") or (roles or {}).get(r, "")
+        role = (beat or {}).get("role", "role unknown")
         if beat is None:
             causes.append(f"rank {r} ({role}) never reported")
         else:
