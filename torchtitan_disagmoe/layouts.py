@@ -14,6 +14,7 @@ value over the job. After ``forward_backward`` every gradient on every rank is t
 mean loss over the global batch, i.e. what a single process computes.
 """
 
+import functools
 import json
 import logging
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchtitan_disagmoe.components.metrics import peak_memory_gib
+from torchtitan_disagmoe.components.mixed_precision import autocast_unsharded, fsdp_mp_policy
 from torchtitan_disagmoe.config.job_config import JobConfig
 from torchtitan_disagmoe.distributed.af_engine import AFPipeRuntime
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
@@ -54,6 +56,11 @@ def _overlap_chunks(config: JobConfig) -> int:
     return par.expert_parallel_overlap_chunks if par.expert_parallel_overlap else 0
 
 
+def _precision(config: JobConfig) -> str:
+    t = config.training
+    return "" if t.mixed_precision_param == "float32" else f"; {t.mixed_precision_param} compute, fp32 master weights"
+
+
 def _sum_over_job(value: float, world_size: int) -> float:
     if world_size == 1:
         return value
@@ -66,12 +73,14 @@ class ColocatedLayout:
     def __init__(self, config: JobConfig, spec: ModelSpec, args: MoETransformerArgs, rank: int,
                  world_size: int, device: torch.device):
         self.rank, self.world_size, self.device, self.config = rank, world_size, device, config
-        self.dims = ParallelDims(world_size, config.expert_parallel_degree(world_size))
+        replicate, _ = config.fsdp_degrees(world_size)
+        self.dims = ParallelDims(world_size, config.expert_parallel_degree(world_size), dp_replicate=replicate)
         self.dims.build_meshes(device.type)
         with torch.device("meta"):
             self.model = spec.model_cls(args)
         self.expert_params = parallelize_model(self.model, self.dims, config.compile.enable,
-                                               overlap_chunks=_overlap_chunks(config))
+                                               overlap_chunks=_overlap_chunks(config),
+                                               mp_policy=fsdp_mp_policy(config.training))
         materialize(self.model, spec, args, device, config.training.seed)
         self.dp_rank, self.dp_degree, self.has_data = rank, world_size, True
         self.router_group = None  # load-balance counts are summed over all ranks
@@ -79,14 +88,18 @@ class ColocatedLayout:
         self.has_timeline = False  # no action list to draw
 
     def describe(self) -> str:
-        return f"colocated: {self.world_size} ranks, FSDP2 over all, expert parallel {self.dims.ep}{self._overlap()}"
+        sharding = (f"HSDP {self.dims.dp_replicate} x {self.world_size // self.dims.dp_replicate}"
+                    if self.dims.dp_replicate > 1 else "FSDP2 over all")
+        return (f"colocated: {self.world_size} ranks, {sharding}, expert parallel {self.dims.ep}{self._overlap()}"
+                f"{_precision(self.config)}")
 
     def _overlap(self) -> str:
         chunks = _overlap_chunks(self.config)
         return f", all-to-all overlapped over {chunks} token chunks" if chunks else ""
 
     def forward_backward(self, inputs, labels) -> torch.Tensor:
-        logits = self.model(inputs.to(self.device))
+        with autocast_unsharded(self.config.training, self.device.type, sharded=self.dims.fsdp_enabled):
+            logits = self.model(inputs.to(self.device))
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.device).flatten())
         loss.backward()
         return loss.detach()
@@ -140,7 +153,8 @@ class PipelinedColocatedLayout(ColocatedLayout):
             self.model = spec.model_cls(args)
         stage_modules = split_into_stages(self.model, self.stage_ids, self.num_stages)
         self.expert_params = parallelize_model(self.model, self.dims, config.compile.enable, stage_modules,
-                                               overlap_chunks=_overlap_chunks(config))
+                                               overlap_chunks=_overlap_chunks(config),
+                                               mp_policy=fsdp_mp_policy(config.training))
         materialize(self.model, spec, args, device, t.seed)
         self.schedule = build_pipeline_schedule(
             stage_modules, self.stage_ids, self.num_stages, self.dims, par.pipeline_parallel_schedule,
@@ -159,7 +173,7 @@ class PipelinedColocatedLayout(ColocatedLayout):
         par = self.config.parallelism
         return (f"colocated pipeline: pp {self.dims.pp} x dp {self.dims.dp} ranks, {par.pipeline_parallel_schedule}, "
                 f"{self.num_stages} stages, {self.microbatches} micro-batches; FSDP2 over dp, expert parallel "
-                f"{self.dims.ep}{self._overlap()}; this rank: stages {self.stage_ids}")
+                f"{self.dims.ep}{self._overlap()}{_precision(self.config)}; this rank: stages {self.stage_ids}")
 
     def forward_backward(self, inputs, labels) -> torch.Tensor | None:
         args = (inputs.to(self.device),) if self.has_first else ()
@@ -180,9 +194,13 @@ class DisaggregatedLayout:
                  world_size: int, device: torch.device):
         d = config.disagmoe
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.config = config
         self.dims = DisaggDims(d.attention_ranks, d.expert_ranks, d.pipeline_depth, args.n_layers,
                                args.moe.num_experts)
         self.dims.validate(world_size)
+        # FSDP2 (HSDP with data_parallel_replicate_degree > 1) over each attention group;
+        # data_parallel_shard_degree = 1 keeps plain replicas, averaged by all-reduce.
+        self.dims.dp_replicate, shard = config.fsdp_degrees(self.dims.dp)
         self.dims.build_meshes(device.type, rank)
         self.role = self.dims.role(rank)
         with torch.device("meta"):
@@ -190,17 +208,16 @@ class DisaggregatedLayout:
         self.expert_params = split_model(self.model, self.dims, rank)
         if config.compile.enable:
             compile_stages(self.model, config.compile.components)
-        # FSDP2 over the attention group (parallelism.data_parallel_shard_degree -1 or the
-        # group size); 1 keeps plain replicas, averaged by all-reduce.
-        self.fsdp = (self.role.pool == "attention" and self.dims.dp > 1
-                     and config.parallelism.data_parallel_shard_degree != 1)
-        fsdp_units = shard_attention_group(self.model, self.dims.my_mesh(rank), args.n_layers) if self.fsdp else {}
+        self.fsdp = self.role.pool == "attention" and shard > 1
+        fsdp_units = (shard_attention_group(self.model, self.dims.fsdp_mesh(rank), args.n_layers,
+                                            fsdp_mp_policy(config.training)) if self.fsdp else {})
         materialize(self.model, spec, args, device, config.training.seed)
         moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
         self.runtime = AFPipeRuntime(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device,
                                      microbatches=d.microbatches, max_inflight=d.max_inflight,
                                      transfer_dtype=getattr(torch, d.transfer_dtype))
         self.runtime.fsdp_units = fsdp_units
+        self.runtime.forward_context = functools.partial(autocast_unsharded, config.training, device.type, self.fsdp)
         for module in self.model.modules():  # each micro-batch's balance loss is 1/M of the step's
             if isinstance(module, MoE):
                 module.aux_loss_scale = 1.0 / d.microbatches
@@ -213,8 +230,14 @@ class DisaggregatedLayout:
     def describe(self) -> str:
         dm = self.dims
         return (f"af_pipe: attention {dm.attention_ranks} ranks, experts {dm.expert_ranks} ranks, "
-                f"p = {dm.pipeline_depth} (dp {dm.dp}{', FSDP2' if self.fsdp else ''}, ep {dm.ep}); "
+                f"p = {dm.pipeline_depth} (dp {dm.dp}{self._sharding()}, ep {dm.ep}){_precision(self.config)}; "
                 f"this rank: {self.role}")
+
+    def _sharding(self) -> str:
+        if not self.fsdp:
+            return ""
+        r = self.dims.dp_replicate
+        return f", HSDP {r} x {self.dims.dp // r}" if r > 1 else ", FSDP2"
 
     def forward_backward(self, inputs, labels) -> torch.Tensor | None:
         return self.runtime.step(inputs, labels)

@@ -1,4 +1,4 @@
-"""FSDP2 inside the attention group of af_pipe: with the default
+"""FSDP2 and HSDP inside the attention group of af_pipe (and HSDP in colocated runs): with the default
 ``parallelism.data_parallel_shard_degree = -1`` the attention weights are DTensor shards
 over the group (the parity matrix in test_af_pipe_parity.py then runs sharded for every
 layout with 2 attention ranks per group); with 1 they are plain replicas averaged by
@@ -40,3 +40,21 @@ def test_replicated_attention_matches_reference(tmp_path):
                                     steps=6), parallelism={"data_parallel_shard_degree": 1})
     result = run_distributed(config, 3, cache, steps=6)
     assert_matches_reference(result, reference)
+
+
+def test_hsdp_attention_group_matches_reference(tmp_path):
+    """HSDP inside an attention group of 4: 2 replica groups x FSDP2 over 2 ranks."""
+    cache = str(tmp_path / "cache")
+    reference = run_single(_config(tmp_path / "ref", "qwen3_moe", "debug", steps=4), cache, steps=4)
+    config = with_overrides(_config(tmp_path / "af", "qwen3_moe", "debug", a=4, f=1, p=1, dp=4, microbatches=1,
+                                    steps=4), parallelism={"data_parallel_replicate_degree": 2})
+    assert spawn(5, _placements, config, cache) == {"type": "DTensor", "local_rows": 64}  # sharded over 2, not 4
+    assert_matches_reference(run_distributed(config, 5, cache, steps=4), reference)
+
+
+def test_colocated_hsdp_matches_reference(tmp_path):
+    cache = str(tmp_path / "cache")
+    reference = run_single(_config(tmp_path / "ref", "qwen3_moe", "debug", steps=4), cache, steps=4)
+    config = with_overrides(_config(tmp_path / "co", "qwen3_moe", "debug", dp=4, steps=4),
+                            parallelism={"data_parallel_replicate_degree": 2, "expert_parallel_degree": 2})
+    assert_matches_reference(run_distributed(config, 4, cache, steps=4), reference)

@@ -8,7 +8,7 @@ expert_parallel_degree``, ``[checkpoint] interval``...), plus our ``[disagmoe]``
 ``[moe]`` sections.
 
 Every check that can be made without a process group lives in a ``__post_init__`` (one
-section alone) or in ``JobConfig.validate`` (across sections), and raises ValueError
+section alone) or in ``config/validation.py`` (across sections), and raises ValueError
 naming the key, the value and the fix.
 """
 
@@ -126,6 +126,13 @@ class Training:
     """Gradient clipping threshold on the global L2 norm (0 disables clipping)."""
     threads_per_rank: int = 0
     """torch intra-op threads per rank on CPU; 0 means cores // local ranks."""
+    mixed_precision_param: Literal["float32", "bfloat16"] = "float32"
+    """dtype of weights in forward/backward compute; master weights, gradients and optimizer
+    states stay fp32. ``bfloat16``: FSDP2's MixedPrecisionPolicy where weights are sharded,
+    torch.autocast where they are not (single process, replicas, expert ranks). Default
+    float32 (torchtitan's is bfloat16) so every layout matches the fp32 reference."""
+    mixed_precision_reduce: Literal["float32"] = "float32"
+    """dtype of FSDP2's gradient reduction (fp32 only)."""
     skip_nonfinite_steps: bool = False
     """NaN/Inf in the loss or a gradient: false stops the run (naming the step, parameters
     and pool; the last checkpoint is kept), true skips that step's update and goes on."""
@@ -137,6 +144,8 @@ class Training:
         _check_positive("training.max_norm", self.max_norm, allow_zero=True)
         _check_positive("training.threads_per_rank", self.threads_per_rank, allow_zero=True)
         _check_choice("training.dataset", self.dataset, DATASETS)
+        _check_choice("training.mixed_precision_param", self.mixed_precision_param, ("float32", "bfloat16"))
+        _check_choice("training.mixed_precision_reduce", self.mixed_precision_reduce, ("float32",))
         if self.dataset == "pydoc_topics" and self.dataset_path:
             raise ValueError(
                 "training.dataset_path is set but training.dataset = 'pydoc_topics' (built in); "
@@ -153,8 +162,12 @@ SINGLE_STAGE_SCHEDULES = ("1F1B",)
 @dataclass(kw_only=True, slots=True)
 class Parallelism:
     data_parallel_shard_degree: int = -1
-    """FSDP2 degree over the data-parallel ranks; -1: all of them. af_pipe: -1 shards the
-    attention weights over each attention group, 1 keeps replicas (all-reduce)."""
+    """FSDP2 degree over the data-parallel ranks; -1: all of them (divided by
+    ``data_parallel_replicate_degree``). af_pipe: -1 shards the attention weights over each
+    attention group, 1 keeps replicas (all-reduce)."""
+    data_parallel_replicate_degree: int = 1
+    """Replica groups of HSDP: FSDP2 shards over ``data_parallel_shard_degree`` ranks and
+    replicates over this many (product = data-parallel ranks; af_pipe: an attention group)."""
     expert_parallel_degree: int = 1
     """Ranks the experts of each MoE layer are sharded over (colocated mode); -1: all
     data-parallel ranks (so one job file runs on any NGPU that divides the experts)."""
@@ -183,6 +196,7 @@ class Parallelism:
             raise ValueError(
                 f"parallelism.data_parallel_shard_degree = {self.data_parallel_shard_degree} "
                 "must be -1 (all data-parallel ranks) or a positive rank count")
+        _check_positive("parallelism.data_parallel_replicate_degree", self.data_parallel_replicate_degree)
         if self.expert_parallel_degree == 0 or self.expert_parallel_degree < -1:
             raise ValueError(
                 f"parallelism.expert_parallel_degree = {self.expert_parallel_degree} "
@@ -409,67 +423,23 @@ class JobConfig:
         return world_size // self.parallelism.pipeline_parallel_degree if ep == -1 else ep
 
     def validate(self, world_size: int) -> None:
-        """Cross-section checks against the launch; call before any process group exists.
+        """Cross-section checks against the launch (``NGPU`` = ``world_size``); call before
+        any process group exists. The checks live in ``config/validation.py``."""
+        from torchtitan_disagmoe.config.validation import validate_job
 
-        Args:
-            world_size: number of ranks torchrun started (``NGPU``).
-        """
-        from torchtitan_disagmoe.models import get_model_spec  # late: models import config
+        validate_job(self, world_size)
 
-        spec = get_model_spec(self.model.name)
-        args = spec.get_flavor(self.model.flavor)
-        args.validate_seq_len(self.training.seq_len)
-        par, dis = self.parallelism, self.disagmoe
-        if self.activation_checkpoint.mode != "none":
-            if self.compile.enable:
-                raise ValueError("activation_checkpoint.mode = "
-                                 f"{self.activation_checkpoint.mode!r} with compile.enable = true is not supported "
-                                 "yet; turn one of them off")
-            if par.pipeline_parallel_degree > 1 and par.pipeline_parallel_schedule == "DualPipeV":
-                raise ValueError("activation checkpointing is not supported with pipeline_parallel_schedule = "
-                                 "'DualPipeV' (split input/weight backward); use 1F1B or Interleaved1F1B")
-        if self.effective_mode(world_size) == "af_pipe":
-            from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
-
-            DisaggDims(dis.attention_ranks, dis.expert_ranks, dis.pipeline_depth, args.n_layers,
-                       args.moe.num_experts).validate(world_size)
-            group = dis.attention_ranks // dis.pipeline_depth
-            if par.data_parallel_shard_degree not in (-1, 1, group):
-                raise ValueError(
-                    f"parallelism.data_parallel_shard_degree = {par.data_parallel_shard_degree}: af_pipe shards "
-                    f"attention weights over a whole attention group ({group} ranks) or not at all; set it to -1 "
-                    f"or {group} (FSDP2 over the group) or 1 (replicas, all-reduce)")
-            if self.training.local_batch_size % dis.microbatches:
-                raise ValueError(
-                    f"disagmoe.microbatches = {dis.microbatches} must divide training.local_batch_size = "
-                    f"{self.training.local_batch_size}")
-            if par.pipeline_parallel_degree != 1:
-                raise ValueError("parallelism.pipeline_parallel_degree applies to colocated runs; "
-                                 "af_pipe pipelines with disagmoe.pipeline_depth. Set it to 1")
-            if par.expert_parallel_overlap:
-                raise ValueError("parallelism.expert_parallel_overlap applies to colocated expert parallelism; "
-                                 "af_pipe overlaps with its own schedule. Set it to false")
-            return
-        pp = par.pipeline_parallel_degree
-        if pp > 1:
-            par.validate_pipeline(args.n_layers, self.training.local_batch_size, world_size)
-            if self.compile.enable and par.pipeline_parallel_schedule == "DualPipeV":
-                raise ValueError("compile.enable = true is not supported with pipeline_parallel_schedule = "
-                                 "'DualPipeV' (split input/weight backward); set compile.enable = false")
-        dp = world_size // pp
-        if par.data_parallel_shard_degree not in (-1, dp):
-            raise ValueError(
-                f"parallelism.data_parallel_shard_degree = {par.data_parallel_shard_degree} "
-                f"but colocated mode shards over all {dp} data-parallel ranks; set it to -1 or {dp}")
-        ep = self.expert_parallel_degree(world_size)
-        if dp % ep != 0:
-            where = f"NGPU = {world_size}" if pp == 1 else f"NGPU {world_size} / pipeline_parallel_degree {pp}"
-            raise ValueError(
-                f"parallelism.expert_parallel_degree = {ep} must divide the number of data-parallel ranks ({where})")
-        if args.moe.num_experts % ep != 0:
-            raise ValueError(
-                f"parallelism.expert_parallel_degree = {ep} must divide the "
-                f"{args.moe.num_experts} experts of {self.model.name}/{self.model.flavor}")
-        if par.expert_parallel_overlap and ep == 1:
-            raise ValueError("parallelism.expert_parallel_overlap = true needs parallelism.expert_parallel_degree"
-                             " > 1 (there is no all-to-all to overlap); set one of them")
+    def fsdp_degrees(self, dp: int) -> tuple[int, int]:
+        """(replicate, shard) degrees of FSDP2/HSDP over ``dp`` data-parallel ranks; shard
+        1 means plain replicas. Raises ValueError naming the keys."""
+        par = self.parallelism
+        r, s = par.data_parallel_replicate_degree, par.data_parallel_shard_degree
+        if dp % r:
+            raise ValueError(f"parallelism.data_parallel_replicate_degree = {r} must divide the {dp} "
+                             "data-parallel ranks")
+        s = dp // r if s == -1 else s
+        if r * s != dp:
+            raise ValueError(f"parallelism.data_parallel_replicate_degree x data_parallel_shard_degree = {r} x "
+                             f"{s} must equal the {dp} data-parallel ranks; set data_parallel_shard_degree = -1 "
+                             f"(= {dp // r})")
+        return r, s

@@ -23,6 +23,7 @@ moves; folding it into the combine would need ``ffn_norm`` on both pools (see
 docs/disaggregation.md for the bytes either way).
 """
 
+import contextlib
 import time
 from datetime import timedelta
 
@@ -87,6 +88,7 @@ class AFPipeRuntime:
         self.activity = Activity()
         self.activation_checkpointing = NO_CHECKPOINTING  # per stage; set by the trainer
         self.fsdp_units: dict[int, list] = {}  # FSDP2 units of each A-stage (attention group sharding)
+        self.forward_context = contextlib.nullcontext  # a stage forward's context (autocast in bf16 mode)
 
     def stage_name(self, stage: int) -> str:
         if stage == 2 * self.num_layers:
@@ -171,10 +173,11 @@ class AFPipeRuntime:
     # ---- compute -------------------------------------------------------------------------
     def _forward(self, stage: int, mb: int) -> None:
         start, waited = time.perf_counter(), self.times.wait
-        if stage % 2:
-            self._expert_forward(stage // 2, mb)
-        else:
-            self._attention_forward(stage // 2, mb)
+        with self.forward_context():  # autocast for bf16 on ranks FSDP2 does not cast
+            if stage % 2:
+                self._expert_forward(stage // 2, mb)
+            else:
+                self._attention_forward(stage // 2, mb)
         # Waiting for inputs inside the stage counts as waiting, not compute.
         self.times.compute += time.perf_counter() - start - (self.times.wait - waited)
 
@@ -232,7 +235,7 @@ class AFPipeRuntime:
             rows_nD, token_idx_n = received[f]
             rows_nD = leaf(rows_nD)
             rec.inputs.append(rows_nD)
-            y_TD = y_TD.index_add(0, token_idx_n, rows_nD)
+            y_TD = y_TD.index_add(0, token_idx_n, rows_nD.to(y_TD.dtype))  # bf16 mode: the stream's dtype
         return h_in + y_TD.view_as(h_in)
 
     def _expert_forward(self, layer: int, mb: int) -> None:

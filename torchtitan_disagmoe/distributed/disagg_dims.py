@@ -22,6 +22,7 @@ silently wrong) and a DeviceMesh on the members.
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -45,6 +46,9 @@ class DisaggDims:
     pipeline_depth: int
     num_layers: int
     num_experts: int
+    dp_replicate: int = 1
+    """HSDP inside each attention group: replica groups of FSDP2 (the group's ranks form a
+    (dp_replicate, dp / dp_replicate) grid, row-major)."""
     meshes: dict[tuple[str, int], DeviceMesh] = field(default_factory=dict, repr=False)
     groups: dict[tuple[str, int], dist.ProcessGroup] = field(default_factory=dict, repr=False)
 
@@ -119,7 +123,8 @@ class DisaggDims:
     def build_meshes(self, device_type: str, rank: int) -> None:
         """Create every group's process group on all ranks, and the members' meshes.
 
-        Keys: ("attention", g) with dim ("dp",), ("expert", g) with dim ("ep",).
+        Keys: ("attention", g) with dim ("dp",), ("expert", g) with dim ("ep",), and with
+        ``dp_replicate`` > 1 also ("attention_hsdp", g) with dims ("dp_replicate", "dp_shard").
         """
         for g in range(self.pipeline_depth):
             for pool, ranks in (("attention", self.attention_group_ranks(g)),
@@ -130,6 +135,23 @@ class DisaggDims:
                     self.groups[(pool, g)] = group
                     self.meshes[(pool, g)] = DeviceMesh.from_group(
                         group, device_type, mesh=ranks, mesh_dim_names=(dim,))
+            if self.dp_replicate > 1:
+                self._build_hsdp_mesh(g, device_type, rank)
+
+    def _build_hsdp_mesh(self, g: int, device_type: str, rank: int) -> None:
+        grid = torch.tensor(self.attention_group_ranks(g)).view(self.dp_replicate, -1)
+        replicate = [dist.new_group(col.tolist()) for col in grid.T]  # collective: every rank calls it
+        shard = [dist.new_group(row.tolist()) for row in grid]
+        if rank in grid:
+            i, j = (grid == rank).nonzero()[0].tolist()
+            self.meshes[("attention_hsdp", g)] = DeviceMesh.from_group(
+                [replicate[j], shard[i]], device_type, mesh=grid, mesh_dim_names=("dp_replicate", "dp_shard"))
+
+    def fsdp_mesh(self, rank: int) -> DeviceMesh:
+        """The mesh FSDP2 shards an attention rank's weights over: its group, or the
+        group's HSDP grid."""
+        role = self.role(rank)
+        return self.meshes.get(("attention_hsdp", role.group)) or self.meshes[(role.pool, role.group)]
 
     def my_group(self, rank: int) -> dist.ProcessGroup:
         role = self.role(rank)

@@ -83,9 +83,10 @@ def compile_stages(model: nn.Module, components: list[str]) -> None:
             moe.experts.compile(dynamic=True)
 
 
-def shard_attention_group(model: nn.Module, mesh, num_layers: int) -> dict[int, list[nn.Module]]:
-    """FSDP2 over the attention group's data-parallel ranks, one unit per module the
-    runtime calls (attention, norms, router, shared experts, dense FFN, embedding, head).
+def shard_attention_group(model: nn.Module, mesh, num_layers: int, mp_policy=None) -> dict[int, list[nn.Module]]:
+    """FSDP2 over the attention group's data-parallel ranks (HSDP on a 2-D ``mesh``), one
+    unit per module the runtime calls (attention, norms, router, shared experts, dense
+    FFN, embedding, head); ``mp_policy`` for bf16 mixed precision.
 
     Why not one unit per block as in colocated runs: the AF-Pipe runtime never calls a
     block's ``forward`` (an A-stage is the block's attention half plus routing), and FSDP2
@@ -97,7 +98,7 @@ def shard_attention_group(model: nn.Module, mesh, num_layers: int) -> dict[int, 
         gather a stage's weights once per step and reduce its gradients once, at the
         stage's last backward.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     units_of_stage: dict[int, list[nn.Module]] = {2 * num_layers: [model.norm, model.output]}
     for layer_id, block in model.layers.items():
@@ -112,5 +113,6 @@ def shard_attention_group(model: nn.Module, mesh, num_layers: int) -> dict[int, 
     for stage, units in units_of_stage.items():
         for unit in units:
             if unit is not None and any(p.requires_grad for p in unit.parameters()):
-                sharded.setdefault(stage, []).append(fully_shard(unit, mesh=mesh, reshard_after_forward=False))
+                sharded.setdefault(stage, []).append(fully_shard(
+                    unit, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy or MixedPrecisionPolicy()))
     return sharded

@@ -31,6 +31,9 @@ class ParallelDims:
     world_size: int
     ep: int = 1
     pp: int = 1
+    dp_replicate: int = 1
+    """HSDP replica groups (``parallelism.data_parallel_replicate_degree``); FSDP2 shards
+    over the other dp / dp_replicate ranks."""
     dp_mesh: DeviceMesh | None = field(default=None, repr=False)
     expert_mesh: DeviceMesh | None = field(default=None, repr=False)
     pp_mesh: DeviceMesh | None = field(default=None, repr=False)
@@ -93,7 +96,11 @@ class ParallelDims:
         if not self.distributed:
             return
         if not self.pp_enabled:
-            self.dp_mesh = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp_shard",))
+            if self.dp_replicate > 1:  # HSDP: fully_shard on a 2-D mesh shards the inner dim
+                self.dp_mesh = init_device_mesh(device_type, (self.dp_replicate, self.world_size // self.dp_replicate),
+                                                mesh_dim_names=("dp_replicate", "dp_shard"))
+            else:
+                self.dp_mesh = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp_shard",))
             self.expert_mesh = init_device_mesh(device_type, (self.edp, self.ep), mesh_dim_names=("edp", "ep"))
             return
         grid = init_device_mesh(device_type, (self.pp, self.dp), mesh_dim_names=("pp", "dp_shard"))

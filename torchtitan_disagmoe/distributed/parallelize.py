@@ -6,7 +6,7 @@ nothing of any of this.
 """
 
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .expert_parallel import apply_expert_parallel
 from .parallel_dims import ParallelDims
@@ -20,9 +20,10 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(roots: list[nn.Module], dims: ParallelDims, ignored_params: set[nn.Parameter],
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """Shard each root's blocks and then the root (embedding, final norm, head) over the
-    data-parallel ranks. A root is the whole model, or one pipeline stage.
+    data-parallel ranks (HSDP when ``dims.dp_mesh`` is 2-D). A root is the whole model, or
+    one pipeline stage. ``mp_policy``: bf16 mixed precision (components/mixed_precision.py).
 
     Expert weights that expert parallelism already sharded are left to it (ignored here).
     With pipeline parallelism each block runs forward once per micro-batch, so keeping
@@ -30,16 +31,17 @@ def apply_fsdp(roots: list[nn.Module], dims: ParallelDims, ignored_params: set[n
     saves an all-gather per micro-batch.
     """
     assert dims.dp_mesh is not None
+    kwargs = dict(mesh=dims.dp_mesh, ignored_params=ignored_params, reshard_after_forward=reshard_after_forward,
+                  mp_policy=mp_policy or MixedPrecisionPolicy())
     for root in roots:
         for block in root.layers.values():
-            fully_shard(block, mesh=dims.dp_mesh, ignored_params=ignored_params,
-                        reshard_after_forward=reshard_after_forward)
-        fully_shard(root, mesh=dims.dp_mesh, ignored_params=ignored_params,
-                    reshard_after_forward=reshard_after_forward)
+            fully_shard(block, **kwargs)
+        fully_shard(root, **kwargs)
 
 
 def parallelize_model(model: nn.Module, dims: ParallelDims, compile_enabled: bool,
-                      stage_modules: list[nn.Module] | None = None, overlap_chunks: int = 0) -> list[nn.Parameter]:
+                      stage_modules: list[nn.Module] | None = None, overlap_chunks: int = 0,
+                      mp_policy: MixedPrecisionPolicy | None = None) -> list[nn.Parameter]:
     """Parallelize ``model`` in place for the colocated layout.
 
     Args:
@@ -47,6 +49,7 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, compile_enabled: boo
             modules with ``model``); FSDP2 wraps each of them instead of ``model``.
         overlap_chunks: > 0 swaps in the overlapping all-to-all dispatcher with this many
             token chunks (``parallelism.expert_parallel_overlap``).
+        mp_policy: FSDP2's mixed-precision policy (``training.mixed_precision_param``).
 
     Returns:
         The expert-parallel parameters (empty without expert parallelism), whose
@@ -60,5 +63,5 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, compile_enabled: boo
         apply_compile(model)
     if dims.fsdp_enabled:
         roots = [model] if stage_modules is None else stage_modules
-        apply_fsdp(roots, dims, set(expert_params), reshard_after_forward=stage_modules is None)
+        apply_fsdp(roots, dims, set(expert_params), reshard_after_forward=stage_modules is None, mp_policy=mp_policy)
     return expert_params

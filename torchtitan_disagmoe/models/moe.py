@@ -145,6 +145,12 @@ class GroupedExperts(nn.Module):
             y_ND: expert outputs in the same order (not yet weighted).
         """
         w1, w2, w3 = self.local_weights()
+        # Mixed precision (components/mixed_precision.py): compute in autocast's dtype, or in
+        # the input's when FSDP2's policy made it bf16 but left these weights fp32 (EP).
+        dtype = (torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type)
+                 else x_ND.dtype)
+        if dtype != w1.dtype and dtype in (torch.bfloat16, torch.float16):
+            w1, w2, w3, x_ND = w1.to(dtype), w2.to(dtype), w3.to(dtype), x_ND.to(dtype)
         if self.use_grouped_mm and _grouped_mm_supported(x_ND, w1):
             if torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16:
                 # Inductor's shape rules for _grouped_mm accept bf16 only, although the
