@@ -10,7 +10,8 @@ With one torch thread (each rank's share when ranks >= cores) this module measur
   dispatch split loops over expert ranks), head (x = tokens), experts (x = routed copies,
   per number of local experts); the optimizer step (x = parameters).
 - from ``host_bench.py``: the one-process training step (``measure_trainer``), gloo
-  between 2-4 spawned processes (``measure_comm``) and the cores that many ranks share
+  between 2-4 spawned processes (``measure_comm``), af_pipe's FSDP2 per unit over an
+  attention group of 2 (``measure_fsdp_af``) and the cores that many ranks share
   (``measure_capacity``).
 
 ``calibrate()`` caches everything as JSON next to ``this_machine.json``;
@@ -32,6 +33,7 @@ from .host_bench import (
     build_model,
     measure_capacity,
     measure_comm,
+    measure_fsdp_af,
     measure_trainer,
     median_time,
 )
@@ -278,6 +280,7 @@ def calibrate(name: str = "qwen3_moe", flavor: str = "debug", worlds=(2, 3, 4), 
     trainer = measure_trainer(config_file)
     trainer["params"] = sum(p.numel() for p in build_model(name, flavor)[0].parameters())
     comm = {w: measure_comm(w) for w in worlds}
+    comm[min(worlds)].update(measure_fsdp_af(min(worlds)))  # the attention groups here have 2 ranks
     cal = Calibration(os.cpu_count() or 1, stages, comm, trainer, {w: measure_capacity(w) for w in worlds})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=1))

@@ -23,7 +23,7 @@ A step is forward/backward plus a tail (gradient reduction, clipping, optimizer,
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
 
@@ -58,6 +58,9 @@ class ModelShape:
     """layer -> parameters on the attention side (the head's as layer n_layers, embedding as -1)."""
     expert_params: dict[int, int]
     attention_tensors: dict[int, int]
+    fsdp_units: dict[int, int] = field(default_factory=dict)
+    """A-stage (layer; the head as n_layers) -> FSDP2 units af_pipe makes of it
+    (``disagg_model.shard_attention_group``: one per module the runtime calls)."""
 
     @staticmethod
     def of(name: str = "qwen3_moe", flavor: str = "debug") -> "ModelShape":
@@ -71,7 +74,20 @@ class ModelShape:
             if target is attn:
                 tensors[layer] = tensors.get(layer, 0) + 1
         return ModelShape(args.n_layers, [args.is_moe_layer(i) for i in range(args.n_layers)], args.dim,
-                          args.moe.top_k, args.moe.num_experts, attn, expert, tensors)
+                          args.moe.top_k, args.moe.num_experts, attn, expert, tensors, _fsdp_units(model))
+
+
+def _fsdp_units(model) -> dict[int, int]:
+    """Modules with parameters that ``shard_attention_group`` makes FSDP2 units, per A-stage."""
+    has = lambda m: m is not None and any(True for _ in m.parameters())
+    units = {len(model.layers): sum(has(m) for m in (model.norm, model.output))}
+    for layer_id, block in model.layers.items():
+        mods = [block.attention_norm, block.attention, block.ffn_norm, getattr(block, "feed_forward", None)]
+        moe = getattr(block, "moe", None)
+        mods += [moe.router, moe.shared_experts] if moe is not None else []
+        mods += [model.tok_embeddings] if int(layer_id) == 0 else []
+        units[int(layer_id)] = sum(has(m) for m in mods)
+    return units
 
 
 def scheduler_slice_s(cores: int) -> float:
@@ -106,16 +122,87 @@ def _tail(cal: Calibration, params_per_rank: list[int], all_reduces: int, world:
     return local_s + all_reduces * _comm(cal, world)["all_reduce"] + extra_s
 
 
-def with_post_ops(programs: dict[int, list[Op]]) -> dict[int, list[Op]]:
-    """Insert before each transfer a compute op ``post_<transfer>`` on every rank that
-    takes part: posting a gloo send or receive is work on the rank's own thread (and a
-    send on CPU writes its payload there)."""
-    return {r: [x for op in ops for x in ([("post_" + op[0], op[1], op[2]), op] if is_transfer(op[0]) else [op])]
+ROW_TRANSFERS = ("dispatch", "combine")
+"""Transfers whose row counts go first: the receiver posts the payload receives once they
+arrive (``dispatch.RowRecv``)."""
+
+
+def with_post_ops(programs: dict[int, list[Op]], is_sender=None) -> dict[int, list[Op]]:
+    """Insert before each transfer a compute op on every rank that takes part: posting a
+    gloo send or receive is work on the rank's own thread (and a send on CPU writes its
+    payload there). Named ``post_<transfer>``, or with ``is_sender(op, rank)``
+    ``post_send_<transfer>`` / ``post_recv_<transfer>`` (receive posts may wait: see
+    ``post_order_deps``)."""
+    def post(op, rank):
+        if is_sender is None:
+            return "post_" + op[0]
+        return ("post_send_" if is_sender(op, rank) else "post_recv_") + op[0]
+    return {r: [x for op in ops for x in ([(post(op, r), op[1], op[2]), op] if is_transfer(op[0]) else [op])]
             for r, ops in programs.items()}
 
 
-def _with_post_deps(deps):
-    return lambda op: [] if op[0].startswith("post_") else deps(op)
+def post_order_deps(programs: dict[int, list[Op]]) -> dict[Op, list[Op]]:
+    """The runtime posts a row receive (``post_recv_dispatch`` / ``post_recv_combine``)
+    only after the row counts of every earlier row receive from the same peers have
+    arrived (``AFPipeRuntime._post_rows``: per peer, payload receives are posted in the
+    order of the sends), so posting waits for the previous row transfer this rank
+    receives. (Its counts arrive one latency after its sender posts it, a little before
+    its rows; the simulator waits for the rows.) In af_pipe a rank receives each kind of
+    row transfer from one pool group, so the peers always overlap."""
+    deps: dict[Op, list[Op]] = {}
+    for ops in programs.values():
+        previous = None
+        for op in ops:
+            if op[0].startswith("post_recv_") and op[0][10:] in ROW_TRANSFERS:
+                if previous is not None:
+                    deps.setdefault(op, [])
+                    if previous not in deps[op]:
+                        deps[op].append(previous)
+                previous = (op[0][10:], op[1], op[2])
+    return deps
+
+
+FSDP_GATHER, FSDP_REDUCE = "all_gather_fsdp", "reduce_scatter_fsdp"
+
+
+def with_fsdp_ops(programs: dict[int, list[Op]], ranks, microbatches: int) -> tuple[dict[int, list[Op]], dict]:
+    """af_pipe's FSDP2 over an attention group (``AFPipeRuntime._backward``): each A-stage
+    gathers its weights once per step, at its first forward (micro-batch 0), and reduces
+    its gradients once, in its last backward (micro-batch ``microbatches - 1``): insert a
+    collective ``all_gather_fsdp`` before the first and ``reduce_scatter_fsdp`` after the
+    last on ``ranks``. Returns the lists and the extra dependencies: the forward waits for
+    the gather, the rank's next op for the reduce-scatter (FSDP2 runs it inside the
+    backward, blocking on CPU)."""
+    out, deps = {}, {}
+    for r, ops in programs.items():
+        if r not in ranks:
+            out[r] = ops
+            continue
+        new = []
+        for i, op in enumerate(ops):
+            name, layer, mb = op
+            if name == "attention_forward" and mb == 0:
+                new.append((FSDP_GATHER, layer, 0))
+                deps[op] = [(FSDP_GATHER, layer, 0)]
+            new.append(op)
+            if name == "attention_backward" and mb == microbatches - 1:
+                new.append((FSDP_REDUCE, layer, 0))
+                if i + 1 < len(ops):
+                    deps.setdefault(ops[i + 1], []).append((FSDP_REDUCE, layer, 0))
+        out[r] = new
+    return out, deps
+
+
+def _with_post_deps(deps, extra: dict[Op, list[Op]] | None = None):
+    extra = extra or {}
+    own = lambda op: op[0].startswith("post_") or op[0] in (FSDP_GATHER, FSDP_REDUCE)
+    return lambda op: extra.get(op, []) + ([] if own(op) else list(deps(op)))
+
+
+def _fsdp_comm(cal: Calibration, dp: int) -> dict:
+    """``measure_fsdp_af`` for the nearest measured group size (empty: not measured)."""
+    have = [w for w, c in cal.comm.items() if "fsdp_af_gather" in c]
+    return cal.comm[min(have, key=lambda w: abs(w - dp))] if have else {}
 
 
 def _comm(cal: Calibration, world: int) -> dict:
@@ -124,8 +211,11 @@ def _comm(cal: Calibration, world: int) -> dict:
 
 def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, microbatches: int,
                     global_batch: int, seq_len: int = 128, shape: ModelShape | None = None,
-                    cores: int | None = None) -> Prediction:
-    """Predicted step time of an af_pipe run (module docstring); ``global_batch`` sequences."""
+                    cores: int | None = None, fsdp: bool | None = None) -> Prediction:
+    """Predicted step time of an af_pipe run (module docstring); ``global_batch`` sequences.
+    ``fsdp``: the attention group shards its weights with FSDP2 (the runtime's default,
+    ``parallelism.data_parallel_shard_degree = -1``) rather than keeping replicas; None:
+    whenever the group has more than one rank."""
     shape = shape or ModelShape.of()
     dims = DisaggDims(attention, expert, depth, shape.n_layers, shape.num_experts)
     dims.validate(attention + expert)
@@ -134,9 +224,16 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         raise ValueError(f"global_batch = {global_batch} must split into dp = {dp} x {microbatches} micro-batches")
     tokens = global_batch // dp * seq_len / microbatches  # per attention rank and micro-batch
     comm = _comm(cal, world)
-    programs = with_post_ops(schedule_program_per_rank(dims, shape.moe_layers, microbatches))
     is_attention = lambda r: r < attention
     sender = af_sender_fn(is_attention, lambda r: dims.role(r).group, depth)
+    programs = with_post_ops(schedule_program_per_rank(dims, shape.moe_layers, microbatches), sender)
+    extra_deps = post_order_deps(programs)
+    fsdp = fsdp if fsdp is not None else dp > 1
+    if fsdp and dp > 1:
+        programs, fsdp_deps = with_fsdp_ops(programs, set(range(attention)), microbatches)
+        for op, ds in fsdp_deps.items():
+            extra_deps[op] = extra_deps.get(op, []) + ds
+    fsdp_comm = _fsdp_comm(cal, dp) if dp > 1 else {}
     scale = stage_scale(cal, shape)
     row_bytes = {"dispatch": 4 * shape.dim + 4 * shape.top_k + 8 * (shape.top_k + 1), "combine": 4 * shape.dim + 8,
                  "dispatch_grad": 4 * shape.dim + 4 * shape.top_k, "combine_grad": 4 * shape.dim}
@@ -150,18 +247,25 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     def duration(op: Op, rank: int) -> float:
         name, layer, _ = op
         if name.startswith("post_"):
-            transfer = (name[5:], layer, op[2])
-            return comm["post"] + (nbytes(transfer[0], rank) / comm["bandwidth"] if sender(transfer, rank) else 0.0)
+            kind = name.removeprefix("post_send_").removeprefix("post_recv_")
+            return comm["post"] + (nbytes(kind, rank) / comm["bandwidth"] if name.startswith("post_send_") else 0.0)
+        if name in (FSDP_GATHER, FSDP_REDUCE):  # per unit of the stage (host_bench.measure_fsdp_af)
+            per_unit = fsdp_comm.get("fsdp_af_gather" if name == FSDP_GATHER else "fsdp_af_reduce", 0.0)
+            return shape.fsdp_units.get(layer, 0) * per_unit
         if is_transfer(name):
             return nbytes(name, rank) / comm["bandwidth"]
-        return scale * _stage_time(st, shape, name, layer, tokens, dp, ep)
+        hooks = 0.0  # FSDP2's hooks run at every forward and backward of a sharded stage
+        if fsdp and dp > 1 and name.startswith("attention"):
+            hooks = shape.fsdp_units.get(layer, 0) * fsdp_comm.get("fsdp_af_hook", 0.0)
+        return scale * _stage_time(st, shape, name, layer, tokens, dp, ep) + hooks
 
     # gloo's latency between idle ranks, twice for rows (their counts go first); a
     # transfer that starts while every core computes also waits for gloo's threads to
     # get a core: about one scheduler slice (``scheduler_slice_s``)
     latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)
     busy_latency = lambda op: latency(op) + scheduler_slice_s(cal.cores)
-    result = simulate(programs, duration, _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth)),
+    result = simulate(programs, duration,
+                      _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth), extra_deps),
                       is_sender=sender, latency_fn=latency, cores=cores or cal.capacity_for(world),
                       busy_latency_fn=busy_latency, busy_at=cal.cores)
     params, extra = [], 0.0
@@ -170,8 +274,8 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         layers = dims.layers_of_group(role.group)
         if role.pool == "attention":
             own = layers + ([-1] if role.group == 0 else []) + ([shape.n_layers] if role.group == dims.head_group else [])
-            params.append(sum(shape.attention_params.get(layer, 0) for layer in own))
-            if dp > 1:
+            params.append(sum(shape.attention_params.get(layer, 0) for layer in own) // (dp if fsdp else 1))
+            if dp > 1 and not fsdp:  # replicas: one all-reduce per gradient tensor
                 n = sum(shape.attention_tensors.get(layer, 0) for layer in own)
                 extra = max(extra, n * _comm(cal, dp)["all_reduce"])
         else:

@@ -193,6 +193,101 @@ def _fsdp_unit_overhead(world: int, reps: int, units: int = 4, tokens: int = 256
     return max(0.0, (run(sharded) - run(plain)) / (units + 1)), per_tensor
 
 
+def _fsdp_af_worker(rank: int, world: int, port: int, out_file: str, steps: int, name: str, flavor: str) -> None:
+    """``measure_fsdp_af`` on one rank: the model's attention-side stages (``af_stages``),
+    2 micro-batches per step, plain and sharded the runtime's way."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtitan_disagmoe.distributed.af_stages import StageRecord, attention_layer_forward, head_forward, leaf
+    from torchtitan_disagmoe.distributed.disagg_model import shard_attention_group
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    plain, args = build_model(name, flavor)
+    sharded = build_model(name, flavor)[0]
+    units = shard_attention_group(sharded, init_device_mesh("cpu", (world,)), args.n_layers)
+    L, m, experts = args.n_layers, 2, args.moe.num_experts
+    torch.manual_seed(rank)
+    tokens = torch.randint(0, args.vocab_size, (m, 2, 128))
+
+    def step(model, units):  # -> {(kind, stage, mb): seconds}
+        times, recs = {}, {}
+        for mb in range(m):
+            x = None
+            for layer in range(L + 1):
+                rec = recs[(layer, mb)] = StageRecord()
+                start = time.perf_counter()
+                if layer == 0:
+                    x = model.tok_embeddings(tokens[mb])
+                else:
+                    rec.inputs = [x := leaf(x)]
+                if layer == L:
+                    rec.outputs = [head_forward(model, x, tokens[mb], 1.0 / m)[0]]
+                else:
+                    h, rows = attention_layer_forward(model.layers[str(layer)], x, model.rope_cache, 1, experts)
+                    rec.outputs = [h] + [t for r in rows or [] for t in (r.x_nD, r.weights_nK)]
+                    x = h.detach()
+                times[("forward", layer, mb)] = time.perf_counter() - start
+        for mb in range(m):
+            for layer in reversed(range(L + 1)):
+                rec = recs.pop((layer, mb))
+                grads = [torch.ones_like(rec.outputs[0])] if layer == L else (
+                    [recs_in[layer + 1]] + [torch.randn_like(o) * 1e-3 for o in rec.outputs[1:]])
+                for unit in units.get(2 * layer, []):
+                    unit.set_requires_gradient_sync(mb == m - 1)
+                    unit.set_reshard_after_backward(mb == m - 1)
+                start = time.perf_counter()
+                rec.backward(grads)
+                times[("backward", layer, mb)] = time.perf_counter() - start
+                recs_in[layer] = rec.inputs[0].grad if rec.inputs else None
+        model.zero_grad(set_to_none=True)
+        return times
+
+    recs_in: dict[int, torch.Tensor] = {}
+    runs = {"plain": [], "sharded": []}
+    for i in range(steps + 2):  # alternate, against drift; the first two are warm-up
+        for label, model, us in (("plain", plain, {}), ("sharded", sharded, units)):
+            dist.barrier()
+            t = step(model, us)
+            if i >= 2:
+                runs[label].append(t)
+    med = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
+    p, s = med["plain"], med["sharded"]
+    stages = range(L + 1)
+    n_units = sum(len(units.get(2 * layer, [])) for layer in stages)
+    gather = sum(s[("forward", l, 0)] - s[("forward", l, 1)] for l in stages)
+    reduce = sum(s[("backward", l, m - 1)] - s[("backward", l, 0)] for l in stages)
+    hooks = sum(s[("forward", l, 1)] - p[("forward", l, 1)] + s[("backward", l, 0)] - p[("backward", l, 0)]
+                for l in stages)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"fsdp_af_gather": max(0.0, gather / n_units),
+                                              "fsdp_af_reduce": max(0.0, reduce / n_units),
+                                              "fsdp_af_hook": max(0.0, hooks / (2 * n_units))}))
+    dist.destroy_process_group()
+
+
+def measure_fsdp_af(world: int = 2, steps: int = 12, name: str = "qwen3_moe", flavor: str = "debug") -> dict:
+    """What af_pipe's FSDP2 over an attention group of ``world`` ranks costs, per FSDP
+    unit (``disagg_model.shard_attention_group``: one unit per module the runtime calls),
+    measured on the model's own attention-side stages in ``world`` spawned processes
+    (1 thread each), 2 micro-batches per step, stage by stage as the runtime runs them,
+    against the same stages unsharded: ``fsdp_af_gather`` (the first forward of a stage in
+    a step over its second: the all-gather), ``fsdp_af_reduce`` (the last backward over
+    the first: the reduce-scatter) and ``fsdp_af_hook`` (FSDP2's hooks in every other
+    forward or backward, per call). Medians over ``steps`` steps."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "fsdp.json")
+        with _quiet_warnings():
+            mp.spawn(_fsdp_af_worker, args=(world, port, out, steps, name, flavor), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
 def _work(seconds_hint: float = 0.3) -> float:
     """A fixed single-thread workload like the stages' (small matmuls); its wall time."""
     a = torch.randn(256, 256)
