@@ -200,7 +200,8 @@ class DisaggregatedLayout:
         self.dims.validate(world_size)
         # FSDP2 (HSDP with data_parallel_replicate_degree > 1) over each attention group;
         # data_parallel_shard_degree = 1 keeps plain replicas, averaged by all-reduce.
-        self.dims.dp_replicate, shard = config.fsdp_degrees(self.dims.dp)
+        replicate, shard = config.fsdp_degrees(self.dims.dp)
+        self.dims.dp_replicate = replicate if shard > 1 else 1
         self.dims.build_meshes(device.type, rank)
         self.role = self.dims.role(rank)
         with torch.device("meta"):

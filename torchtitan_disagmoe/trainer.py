@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan_disagmoe.components.checkpoint import build_checkpointer
 from torchtitan_disagmoe.components.load_balance import (
     configure_load_balance, load_imbalance, update_expert_bias)
+from torchtitan_disagmoe.components.memory_tracking import StepMemoryTracker
 from torchtitan_disagmoe.components.metrics import (
     MetricsLogger, peak_memory_gib, resolve_peak_flops, setup_logging)
 from torchtitan_disagmoe.components.optimizer import build_lr_schedulers, build_optimizers
@@ -249,10 +250,14 @@ class Trainer:
                 self.step += 1
                 self.activity.step = self.step
                 traced = self.step == self.config.metrics.timeline_step and self.layout.has_timeline
-                values = self._traced_step() if traced else self.train_step()
+                memory_tracked = self.step == self.config.metrics.memory_tracking_step
+                if memory_tracked:
+                    values = self._memory_tracked_step()
+                else:
+                    values = self._traced_step() if traced else self.train_step()
                 self.activity.set("saving a checkpoint")
                 self.checkpointer.save(self.step, last_step=self.step == steps)
-                if self.metrics.should_log(self.step, steps):
+                if self.metrics.should_log(self.step, steps) or memory_tracked:
                     values.update(memory_gib=peak_memory_gib(self.device), flops_per_token=flops_per_token,
                                   peak_flops=self.peak_flops * self.world_size)
                     logged.append(self.metrics.log(self.step, values))
@@ -294,6 +299,15 @@ class Trainer:
             self.heartbeats.publish(self.activity, failed=True)
         except Exception:
             pass
+
+    def _memory_tracked_step(self) -> dict[str, float]:
+        """One step under MemTracker; adds its peak memory per pool (collective)."""
+        tracker = StepMemoryTracker(self.model, self.optimizers.optimizers)
+        with tracker:
+            values = self.train_step()
+        pools = ("attention", "expert") if hasattr(self.layout, "role") else ("all",)
+        my_pool = self.layout.role.pool if hasattr(self.layout, "role") else "all"
+        return {**values, **tracker.report(pools, my_pool, self.world_size, self.device)}
 
     def _traced_step(self) -> dict[str, float]:
         """A training step whose per-rank action timeline (and optionally a profiler

@@ -351,6 +351,9 @@ class Metrics:
     timeline_step: int = 0
     """af_pipe: write every rank's action timeline of this step to
     ``<dump_folder>/timeline/`` (draw it with scripts/plot_timeline.py); 0: never."""
+    memory_tracking_step: int = 0
+    """Run this step under torch's MemTracker and log its peak memory per pool by category
+    (``tracked_*_mib``; components/memory_tracking.py). The step runs about 3x slower; 0: never."""
     enable_profiler: bool = False
     """Also record a torch.profiler chrome trace per rank of ``timeline_step``."""
 
@@ -358,6 +361,7 @@ class Metrics:
         _check_positive("metrics.log_freq", self.log_freq)
         _check_positive("metrics.peak_flops", self.peak_flops, allow_zero=True)
         _check_positive("metrics.timeline_step", self.timeline_step, allow_zero=True)
+        _check_positive("metrics.memory_tracking_step", self.memory_tracking_step, allow_zero=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -438,6 +442,8 @@ class JobConfig:
             raise ValueError(f"parallelism.data_parallel_replicate_degree = {r} must divide the {dp} "
                              "data-parallel ranks")
         s = dp // r if s == -1 else s
+        if s == 1 and r == 1:
+            return dp, 1  # plain replicas on every rank
         if r * s != dp:
             raise ValueError(f"parallelism.data_parallel_replicate_degree x data_parallel_shard_degree = {r} x "
                              f"{s} must equal the {dp} data-parallel ranks; set data_parallel_shard_degree = -1 "
