@@ -310,3 +310,21 @@ def test_single_rank_af_pipe_job_runs_the_reference():
     assert config.disagmoe.mode == "af_pipe"
     config.validate(1)
     assert config.effective_mode(1) == "colocated" and config.effective_mode(2) == "af_pipe"
+
+
+def test_validate_hsdp_degrees():
+    with pytest.raises(ValueError, match=r"data_parallel_replicate_degree = 3 must divide the 4"):
+        _validate(4, "--parallelism.data_parallel_replicate_degree", "3")
+    with pytest.raises(ValueError, match=r"data_parallel_shard_degree = 4 x parallelism\.data_parallel_replicate_degree = 2"):
+        _validate(4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "4")
+    _validate(4, "--parallelism.data_parallel_replicate_degree", "2")  # HSDP 2 x 2
+    with pytest.raises(ValueError, match=r"HSDP\) is not supported with pipeline_parallel_degree"):
+        _validate(4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.pipeline_parallel_degree", "2")
+
+
+def test_validate_mixed_precision():
+    with pytest.raises(ValueError, match=r"training\.mixed_precision_param = 'float16' is not valid"):
+        _validate(1, "--training.mixed_precision_param", "float16")
+    with pytest.raises(ValueError, match=r"training\.mixed_precision_param = 'bfloat16' with pipeline parallelism"):
+        _validate(2, "--training.mixed_precision_param", "bfloat16", "--parallelism.pipeline_parallel_degree", "2")
+    _validate(2, "--training.mixed_precision_param", "bfloat16")

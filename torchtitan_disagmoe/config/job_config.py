@@ -445,7 +445,7 @@ class JobConfig:
         if s == 1 and r == 1:
             return dp, 1  # plain replicas on every rank
         if r * s != dp:
-            raise ValueError(f"parallelism.data_parallel_replicate_degree x data_parallel_shard_degree = {r} x "
-                             f"{s} must equal the {dp} data-parallel ranks; set data_parallel_shard_degree = -1 "
+            raise ValueError(f"parallelism.data_parallel_shard_degree = {s} x parallelism.data_parallel_replicate_degree "
+                             f"= {r} must equal the {dp} data-parallel ranks; set data_parallel_shard_degree = -1 "
                              f"(= {dp // r})")
         return r, s

@@ -58,14 +58,14 @@ def _validate_colocated(config: JobConfig, args, world_size: int) -> None:
             raise ValueError("compile.enable = true is not supported with pipeline_parallel_schedule = "
                              "'DualPipeV' (split input/weight backward); set compile.enable = false")
     dp = world_size // pp
-    replicate, shard = config.fsdp_degrees(dp)
+    if par.data_parallel_replicate_degree > 1 and pp > 1:
+        raise ValueError("parallelism.data_parallel_replicate_degree > 1 (HSDP) is not supported with "
+                         "pipeline_parallel_degree > 1 yet; set data_parallel_replicate_degree = 1")
+    _, shard = config.fsdp_degrees(dp)
     if shard == 1 and dp > 1:
         raise ValueError(
             f"parallelism.data_parallel_shard_degree = 1 over {dp} data-parallel ranks: colocated mode shards "
             f"with FSDP2 (or HSDP); set data_parallel_shard_degree = -1")
-    if replicate > 1 and pp > 1:
-        raise ValueError("parallelism.data_parallel_replicate_degree > 1 (HSDP) is not supported with "
-                         "pipeline_parallel_degree > 1 yet; set data_parallel_replicate_degree = 1")
     if config.training.mixed_precision_param != "float32" and pp > 1 and dp == 1:
         raise ValueError(
             f"training.mixed_precision_param = {config.training.mixed_precision_param!r} with pipeline parallelism "
