@@ -5,7 +5,8 @@ core sharing, not FLOPs, so the roofline rates of ``this_machine.py`` cannot pre
 With one torch thread (each rank's share when ranks >= cores) this module measures:
 
 - ``measure_stages``: the runtime's own stage functions (``af_stages``) in one process,
-  forward and backward, best of 7, at 128-1,024 tokens, kept as points plus a line
+  forward and backward, median of 7, all stages and sizes taking turns (as in a step,
+  each runs on caches the others filled), at 128-1,024 tokens, kept as points plus a line
   ``a + b x`` (``Linear``): attention layer (x = tokens, per expert-parallel degree: the
   dispatch split loops over expert ranks), head (x = tokens), experts (x = routed copies,
   per number of local experts); the optimizer step (x = parameters).
@@ -33,10 +34,10 @@ from .host_bench import (
     build_model,
     measure_capacity,
     measure_comm,
-    measure_fsdp_af,
     measure_trainer,
     median_time,
 )
+from .runtime_bench import measure_fsdp_af, measure_row_transfers
 from .this_machine import cache_file
 
 TOKEN_COUNTS = (128, 256, 512, 1024)
@@ -113,21 +114,27 @@ class StageFits:
                          per(d["expert_backward"]), lin(d["optimizer"]))
 
 
-def _fwd_bwd_times(forward, repeats: int) -> tuple[float, float]:
-    """Median forward and backward time of ``forward() -> outputs`` (random output grads)."""
-    fwd, bwd = [], []
+def _interleaved_times(jobs: list, repeats: int) -> list[tuple[float, float]]:
+    """Median forward and backward time of each ``forward() -> outputs`` in ``jobs``
+    (random output grads), the jobs taking turns: in a training step each stage runs
+    after other stages, on caches they filled (the head at 1,024 tokens takes 1.5-1.8x
+    longer after an attention layer than straight after itself), so a stage timed
+    back-to-back with itself is too fast."""
+    fwd: list[list[float]] = [[] for _ in jobs]
+    bwd: list[list[float]] = [[] for _ in jobs]
     for i in range(repeats + 1):
-        start = time.perf_counter()
-        outs = [o for o in forward() if o.requires_grad]
-        mid = time.perf_counter()
-        grads = [torch.randn_like(o) for o in outs]
-        start_bwd = time.perf_counter()
-        torch.autograd.backward(outs, grads)
-        end = time.perf_counter()
-        if i:  # the first is a warm-up
-            fwd.append(mid - start)
-            bwd.append(end - start_bwd)
-    return min(fwd), min(bwd)  # the stage's own cost: other load only ever adds to it
+        for j, forward in enumerate(jobs):
+            start = time.perf_counter()
+            outs = [o for o in forward() if o.requires_grad]
+            mid = time.perf_counter()
+            grads = [torch.randn_like(o) for o in outs]
+            start_bwd = time.perf_counter()
+            torch.autograd.backward(outs, grads)
+            end = time.perf_counter()
+            if i:  # the first round is a warm-up
+                fwd[j].append(mid - start)
+                bwd[j].append(end - start_bwd)
+    return [(statistics.median(f), statistics.median(b)) for f, b in zip(fwd, bwd)]
 
 
 def _random_routing_rows(tokens: int, num_experts: int, top_k: int, ep: int, dim: int):
@@ -168,18 +175,17 @@ def measure_stages(name: str = "qwen3_moe", flavor: str = "debug", seq_len: int 
             samples[key][0].append(x)
             samples[key][1].append(y)
 
+        jobs = []  # (forward key, backward key, x, forward())
         for tokens in token_counts:
             batch = max(1, tokens // seq_len)
             x = torch.randn(batch, seq_len, args.dim)
             for ep in eps:
-                f, b = _fwd_bwd_times(lambda x=x, ep=ep: _attention_outputs(
-                    block, leaf(x), model.rope_cache, ep, args.moe.num_experts // ep, attention_layer_forward), repeats)
-                add(f"attention_forward/{ep}", tokens, f)
-                add(f"attention_backward/{ep}", tokens, b)
+                jobs.append((f"attention_forward/{ep}", f"attention_backward/{ep}", tokens,
+                             lambda x=x, ep=ep: _attention_outputs(block, leaf(x), model.rope_cache, ep,
+                                                                   args.moe.num_experts // ep, attention_layer_forward)))
             labels = torch.randint(0, args.vocab_size, (batch, seq_len))
-            f, b = _fwd_bwd_times(lambda x=x, labels=labels: [head_forward(model, leaf(x), labels, 1.0)[0]], repeats)
-            add("head_forward", tokens, f)
-            add("head_backward", tokens, b)
+            jobs.append(("head_forward", "head_backward", tokens,
+                         lambda x=x, labels=labels: [head_forward(model, leaf(x), labels, 1.0)[0]]))
             for ep in expert_eps:
                 e = args.moe.num_experts // ep
                 experts = GroupedExperts(args.dim, args.moe_inter_dim, e)
@@ -187,10 +193,11 @@ def measure_stages(name: str = "qwen3_moe", flavor: str = "debug", seq_len: int 
                     torch.nn.init.normal_(w, std=0.02)
                 x_MD, w_MK, ids_MK, copies = _random_routing_rows(tokens, args.moe.num_experts,
                                                                   args.moe.top_k, ep, args.dim)
-                f, b = _fwd_bwd_times(lambda e=experts, x=x_MD, w=w_MK, i=ids_MK: [run_local_experts(e, leaf(x), leaf(w), i)],
-                                      repeats)
-                add(f"expert_forward/{e}", copies, f)
-                add(f"expert_backward/{e}", copies, b)
+                jobs.append((f"expert_forward/{e}", f"expert_backward/{e}", copies,
+                             lambda e=experts, x=x_MD, w=w_MK, i=ids_MK: [run_local_experts(e, leaf(x), leaf(w), i)]))
+        for (key_f, key_b, x, _), (f, b) in zip(jobs, _interleaved_times([j[3] for j in jobs], repeats)):
+            add(key_f, x, f)
+            add(key_b, x, b)
         for key, (xs, ys) in samples.items():
             kind, _, sub = key.partition("/")
             fit = fit_points(xs, ys)
@@ -281,6 +288,7 @@ def calibrate(name: str = "qwen3_moe", flavor: str = "debug", worlds=(2, 3, 4), 
     trainer["params"] = sum(p.numel() for p in build_model(name, flavor)[0].parameters())
     comm = {w: measure_comm(w) for w in worlds}
     comm[min(worlds)].update(measure_fsdp_af(min(worlds)))  # the attention groups here have 2 ranks
+    comm[min(worlds)].update(measure_row_transfers())
     cal = Calibration(os.cpu_count() or 1, stages, comm, trainer, {w: measure_capacity(w) for w in worlds})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=1))

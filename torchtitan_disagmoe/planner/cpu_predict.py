@@ -195,8 +195,11 @@ def with_fsdp_ops(programs: dict[int, list[Op]], ranks, microbatches: int) -> tu
 
 def _with_post_deps(deps, extra: dict[Op, list[Op]] | None = None):
     extra = extra or {}
-    own = lambda op: op[0].startswith("post_") or op[0] in (FSDP_GATHER, FSDP_REDUCE)
-    return lambda op: extra.get(op, []) + ([] if own(op) else list(deps(op)))
+    def of(op):
+        if op[0] == FSDP_GATHER:  # in the stage's first forward, once its inputs are in
+            return list(deps(("attention_forward", op[1], 0)))
+        return [] if op[0].startswith("post_") or op[0] == FSDP_REDUCE else list(deps(op))
+    return lambda op: extra.get(op, []) + of(op)
 
 
 def _fsdp_comm(cal: Calibration, dp: int) -> dict:
@@ -264,10 +267,15 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     # get a core: about one scheduler slice (``scheduler_slice_s``)
     latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)
     busy_latency = lambda op: latency(op) + scheduler_slice_s(cal.cores)
+    # rows (counts first) whose sender computes after posting arrive late: the payload
+    # receive is posted after the payload was sent, and the rest needs the sender's gloo
+    # thread (runtime_bench.measure_row_transfers)
+    rows_extra = comm.get("busy_sender_extra", _comm(cal, 2).get("busy_sender_extra", 0.0))
+    sender_busy = lambda op: rows_extra if op[0] in ROW_TRANSFERS else 0.0
     result = simulate(programs, duration,
                       _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth), extra_deps),
                       is_sender=sender, latency_fn=latency, cores=cores or cal.capacity_for(world),
-                      busy_latency_fn=busy_latency, busy_at=cal.cores)
+                      busy_latency_fn=busy_latency, busy_at=cal.cores, sender_busy_fn=sender_busy)
     params, extra = [], 0.0
     for r in range(world):
         role = dims.role(r)

@@ -100,7 +100,8 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
              is_sender: Callable[[Op, int], bool] | None = None,
              latency_fn: Callable[[Op], float] | None = None, cores: int | None = None,
              host_of: Callable[[int], int] | None = None,
-             busy_latency_fn: Callable[[Op], float] | None = None, busy_at: int = 2) -> SimResult:
+             busy_latency_fn: Callable[[Op], float] | None = None, busy_at: int = 2,
+             sender_busy_fn: Callable[[Op], float] | None = None) -> SimResult:
     """Replay the lists (module docstring); returns makespan and busy intervals.
 
     Args:
@@ -116,12 +117,17 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
         busy_latency_fn: with ``cores``, the latency of a transfer that starts while a
             host of its ranks runs ``busy_at`` or more compute ops (its cores all taken,
             e.g. gloo's threads must wait for one); None: always ``latency_fn``.
+        sender_busy_fn: extra latency of a transfer whose sender (``is_sender``) is
+            computing when its data would arrive (the rest of the transfer needs the
+            sender's communication thread, which may wait for a core beside the
+            computing one).
     """
     if cores is not None and cores <= 0:
         raise ValueError(f"cores = {cores} must be > 0 (or None: no limit)")
     sim = _Simulation(program_per_rank, duration_fn, _deps_fn(deps), blocking, is_sender, latency_fn)
     sim.cores, sim.host_of = cores, host_of or (lambda rank: 0)
     sim.busy_latency_fn, sim.busy_at = busy_latency_fn, busy_at
+    sim.sender_busy_fn = sender_busy_fn
     return sim.run()
 
 
@@ -154,6 +160,8 @@ class _Simulation:
         self.version: dict[int, int] = defaultdict(int)
         self.busy_latency_fn: Callable[[Op], float] | None = None
         self.busy_at = 2
+        self.sender_busy_fn: Callable[[Op], float] | None = None
+        self.now = 0.0
 
     def run(self) -> SimResult:
         now = 0.0
@@ -167,6 +175,9 @@ class _Simulation:
                 _, _, op, ranks = heapq.heappop(self.events)
                 if op is not None and op[0] == "#ps":
                     self._ps_finished(op, ranks[0], now)
+                elif op is not None and op[0] == "#arrive":
+                    self.now = now
+                    self._push(op[1:], ranks, now + self._sender_busy(op[1:]))
                 elif op is not None:
                     self._finished(op, ranks, now)
         stuck = {r: ops[self.pos[r]] for r, ops in self.programs.items() if self.pos[r] < len(ops)}
@@ -255,7 +266,10 @@ class _Simulation:
                 arrival = end + max(0.0, float(self._latency(op)))
                 if arrival > end:
                     self._push(None, (), end)  # wake up when the links are free again
-                self._push(op, self.members[op], arrival)
+                if self.sender_busy_fn is not None:  # decide then whether its sender computes
+                    self._push(("#arrive",) + op, self.members[op], arrival)
+                else:
+                    self._push(op, self.members[op], arrival)
                 started.append(op)
         self.ready_transfers = [op for op in self.ready_transfers if op not in started]
         return bool(started)
@@ -268,6 +282,17 @@ class _Simulation:
                 and max(len(self.active[self.host_of(r)]) for r in self.members[op]) >= self.busy_at):
             return self.busy_latency_fn(op)
         return self.latency_fn(op)
+
+    def _sender_busy(self, op: Op) -> float:
+        """``sender_busy_fn(op)`` when a sender of ``op`` is computing as its data would
+        arrive, else 0."""
+        if self.sender_busy_fn is None or self.is_sender is None:
+            return 0.0
+        for r in self.members[op]:
+            busy = (r in self.active[self.host_of(r)]) if self.cores is not None else self.busy_until[r] > self.now
+            if self.is_sender(op, r) and busy:
+                return float(self.sender_busy_fn(op))
+        return 0.0
 
     def _duration(self, op: Op, ranks: list[int]) -> float:
         duration = max(float(self.duration_fn(op, r)) for r in ranks)
