@@ -22,7 +22,11 @@ def _placements(config, cache):
     try:
         params = dict(trainer.model.named_parameters())
         wq = params.get("layers.0.attention.wq.weight")
-        return {"type": type(wq).__name__, "local_rows": wq.to_local().shape[0] if hasattr(wq, "to_local") else None}
+        trainer.train_step()
+        runtime = trainer.layout.runtime
+        return {"type": type(wq).__name__, "local_rows": wq.to_local().shape[0] if hasattr(wq, "to_local") else None,
+                # each A-stage but the first has its weights gathered ahead, by the one before
+                "prefetched": runtime.prefetched == len(runtime.fsdp_units) - 1 > 0}
     finally:
         trainer.close()
 
@@ -30,7 +34,7 @@ def _placements(config, cache):
 def test_attention_weights_are_sharded_over_the_group_by_default(tmp_path):
     config = _config(tmp_path / "out", "qwen3_moe", "debug", a=2, f=1, p=1, dp=2)
     got = spawn(3, _placements, config, str(tmp_path / "cache"))
-    assert got == {"type": "DTensor", "local_rows": 64}  # wq: 128 rows over 2 ranks
+    assert got == {"type": "DTensor", "local_rows": 64, "prefetched": True}  # wq: 128 rows over 2 ranks
 
 
 def test_replicated_attention_matches_reference(tmp_path):
@@ -48,7 +52,7 @@ def test_hsdp_attention_group_matches_reference(tmp_path):
     reference = run_single(_config(tmp_path / "ref", "qwen3_moe", "debug", steps=4), cache, steps=4)
     config = with_overrides(_config(tmp_path / "af", "qwen3_moe", "debug", a=4, f=1, p=1, dp=4, microbatches=1,
                                     steps=4), parallelism={"data_parallel_replicate_degree": 2})
-    assert spawn(5, _placements, config, cache) == {"type": "DTensor", "local_rows": 64}  # sharded over 2, not 4
+    assert spawn(5, _placements, config, cache) == {"type": "DTensor", "local_rows": 64, "prefetched": True}  # over 2
     assert_matches_reference(run_distributed(config, 5, cache, steps=4), reference)
 
 

@@ -118,6 +118,10 @@ class AFPipeRuntime:
         self.losses: list[torch.Tensor] = []
         self.times = StepTimes()
         self.backwards_done = {stage: 0 for stage in self.fsdp_units}
+        self.prefetched = 0
+        if self.fsdp_units:  # the first stage's weights: gathered while the step starts
+            for unit in self.fsdp_units[min(self.fsdp_units)]:
+                unit.unshard(async_op=True)
         handlers = {FORWARD: self._forward, BACKWARD: self._backward, SEND_F: self._send_f,
                     RECV_F: self._recv_f, SEND_B: self._send_b, RECV_B: self._recv_b}
         for action in self.actions:
@@ -173,6 +177,8 @@ class AFPipeRuntime:
     # ---- compute -------------------------------------------------------------------------
     def _forward(self, stage: int, mb: int) -> None:
         start, waited = time.perf_counter(), self.times.wait
+        if mb == 0 and stage in self.fsdp_units:
+            self._prefetch_after(stage)
         with self.forward_context():  # autocast for bf16 on ranks FSDP2 does not cast
             if stage % 2:
                 self._expert_forward(stage // 2, mb)
@@ -180,6 +186,18 @@ class AFPipeRuntime:
                 self._attention_forward(stage // 2, mb)
         # Waiting for inputs inside the stage counts as waiting, not compute.
         self.times.compute += time.perf_counter() - start - (self.times.wait - waited)
+
+    def _prefetch_after(self, stage: int) -> None:
+        """Start the all-gather of this rank's next A-stage's weights (FSDP2, async) as this
+        stage starts computing, so it is done by that stage's first forward; FSDP2 waits
+        for it in that forward. The runtime calls the units directly, so FSDP2's own
+        forward prefetch (module order inside one root) does not apply. Every rank of the
+        group runs the same action list: the collectives line up."""
+        later = [s for s in sorted(self.fsdp_units) if s > stage]
+        if later:
+            for unit in self.fsdp_units[later[0]]:
+                unit.unshard(async_op=True)
+            self.prefetched += 1
 
     def _backward(self, stage: int, mb: int) -> None:
         rec = self.records[(stage, mb)]
