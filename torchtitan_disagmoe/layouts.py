@@ -88,6 +88,8 @@ class ColocatedLayout:
         self.has_timeline = False  # no action list to draw
 
     def describe(self) -> str:
+        if self.world_size == 1:
+            return f"single process{_precision(self.config)}"
         sharding = (f"HSDP {self.dims.dp_replicate} x {self.world_size // self.dims.dp_replicate}"
                     if self.dims.dp_replicate > 1 else "FSDP2 over all")
         return (f"colocated: {self.world_size} ranks, {sharding}, expert parallel {self.dims.ep}{self._overlap()}"
