@@ -1,8 +1,8 @@
 """Predicted vs measured step time of real runs on this CPU (docs/planner.md, section 8).
 
 1. Calibrate (``planner/calibrate.py``, cached; ``--refresh`` measures again): the
-   runtime's stage functions on one thread, the one-process step, gloo costs and the
-   cores concurrent ranks share.
+   runtime's stage functions on one thread, the one-process step, gloo costs, af_pipe's
+   FSDP2 per unit, late rows of a computing sender and the cores concurrent ranks share.
 2. Predict (``planner/cpu_predict.py``) af_pipe layouts (A 1-2, F 1-2, p 1-2, micro-batches
    1, 2, 4) and colocated EP on 2 and 4 ranks, all at the same global batch.
 3. With ``--measure``: run each configuration for real (torchrun, gloo, the debug job

@@ -6,16 +6,23 @@ A step is forward/backward plus a tail (gradient reduction, clipping, optimizer,
 - af_pipe: the runtime's own action lists (``programs.schedule_program_per_rank``) are
   replayed by the simulator with every stage's time from the single-thread stage curves
   x ``stage_scale`` at this layout's token counts; before each transfer its ranks post it
-  (a compute op); a transfer takes bytes / gloo bandwidth and arrives one gloo latency
-  later (two for dispatch and combine: their row counts go first), plus a scheduler slice
-  when it starts while every core computes. The host's cores are shared
-  (``simulate(cores=c)``, processor sharing, c the measured capacity for that many ranks).
+  (a compute op; a row receive is posted only once the earlier row receive's counts are
+  in, ``post_order_deps``); a transfer takes bytes / gloo bandwidth and arrives one gloo
+  latency later (two for dispatch and combine: their row counts go first), plus a
+  scheduler slice when it starts while every core computes, plus the measured extra
+  wait of rows whose sender is computing when they would arrive. With FSDP2 over an
+  attention group (dp > 1, the runtime's default) each A-stage gathers its weights before
+  its first forward and reduce-scatters after its last backward, and FSDP2's hooks cost
+  in every call (``with_fsdp_ops``; per unit, from ``runtime_bench.measure_fsdp_af``).
+  The host's cores are shared (``simulate(cores=c)``, processor sharing, c the measured
+  capacity for that many ranks).
 - colocated EP: every rank runs the same list (per layer: FSDP all-gather, attention,
   all-to-all of counts and rows, experts, all-to-all back; backward reversed with the
   reduce-scatter), collectives blocking on all ranks, cores shared the same way.
 - tail: each rank's fixed per-step work and optimizer step (shared cores), the small
   all-reduces the trainer makes per step (loss, gradient norm, routing counts, metrics)
-  and, for af_pipe with dp > 1, one all-reduce per attention parameter tensor.
+  and, for af_pipe with dp > 1 and replicas (``fsdp=False``), one all-reduce per
+  attention parameter tensor.
 
     from torchtitan_disagmoe.planner.calibrate import calibrate
     from torchtitan_disagmoe.planner.cpu_predict import predict_af_pipe
@@ -295,9 +302,9 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
 
 def stage_scale(cal: Calibration, shape: ModelShape) -> float:
     """Measured one-process forward/backward of the whole model (``measure_trainer``) over
-    the sum of the stage curves for the same tokens. The curves are each stage's best of
-    7 back-to-back calls (caches warm); in a step every stage runs once on other data,
-    so each takes this factor longer (1.2 here)."""
+    the sum of the stage curves for the same tokens: what a step's stages cost beyond
+    the curves (0.95-1.0 here since the stages are timed taking turns, median of 7; it
+    was 1.2 with best-of-7 back-to-back calls)."""
     tokens, fb = cal.trainer.get("tokens"), cal.trainer.get("forward_backward")
     if not tokens or not fb:
         return 1.0

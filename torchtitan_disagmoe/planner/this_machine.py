@@ -82,16 +82,18 @@ def _p2p_worker(rank: int, port: int, out_file: str) -> None:
     results = {}
     for label, numel in (("small", 1), ("large", 8 * 2**20)):
         t = torch.zeros(numel)
-        reps = 20 if label == "small" else 5
+        reps = 30 if label == "small" else 7
         dist.barrier()
-        start = time.perf_counter()
+        times = []
         for _ in range(reps):  # ping-pong: one message each way per repetition, posted
             # as the runtime posts (async batch, then wait): blocking send/recv take ~1.3 ms
             # per message on this host, the async path ~0.06 ms (docs/planner.md section 8)
+            start = time.perf_counter()
             for op in ((dist.isend, dist.irecv) if rank == 0 else (dist.irecv, dist.isend)):
                 for work in dist.batch_isend_irecv([dist.P2POp(op, t, 1 - rank)]):
                     work.wait()
-        results[label] = (time.perf_counter() - start) / (2 * reps)
+            times.append((time.perf_counter() - start) / 2)
+        results[label] = sorted(times)[len(times) // 2]  # median: the first ones set up the pair
     if rank == 0:
         latency = results["small"]
         bw = 8 * 2**20 * 4 / max(results["large"] - latency, 1e-9)
