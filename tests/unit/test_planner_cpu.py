@@ -52,6 +52,11 @@ def test_fsdp_ops_gather_once_and_reduce_at_the_last_backward():
     assert programs[0] == [(FSDP_GATHER, 0, 0)] + ops[:4] + [(FSDP_REDUCE, 0, 0), ops[4]]
     assert programs[1] == [("expert_forward", 0, 0)]  # not an FSDP rank
     assert deps == {("attention_forward", 0, 0): [(FSDP_GATHER, 0, 0)], ops[4]: [(FSDP_REDUCE, 0, 0)]}
+    # prefetch: the first stage's gather at the start, the next one's as a stage starts
+    two = [("attention_forward", 0, 0), ("attention_forward", 2, 0)]
+    programs, deps = with_fsdp_ops({0: two}, {0}, microbatches=1, prefetch=True)
+    assert programs[0] == [(FSDP_GATHER, 0, 0), (FSDP_GATHER, 2, 0), two[0], two[1]]
+    assert deps == {two[0]: [(FSDP_GATHER, 0, 0)], two[1]: [(FSDP_GATHER, 2, 0)]}
 
 
 def test_fsdp_prediction_by_hand():
@@ -59,15 +64,22 @@ def test_fsdp_prediction_by_hand():
     # units per A-stage: attention_norm, attention, ffn_norm, router (+ embedding in layer 0);
     # the head's norm and output
     assert shape.fsdp_units == {0: 5, 1: 4, 2: 4, 3: 4, 4: 2}
-    g, r, h = 1e-3, 2e-3, 1e-4
-    cal = _const_calibration(1e-3, {"fsdp_af_gather": g, "fsdp_af_reduce": r, "fsdp_af_hook": h})
+    g, r, h, e = 1e-3, 2e-3, 1e-4, 4e-4
+    cal = _const_calibration(1e-3, {"fsdp_af_gather": g, "fsdp_af_reduce": r, "fsdp_af_hook": h,
+                                    "fsdp_af_gather_exposed": e})
     cal.cores = 4  # no transfer starts while every core computes (no scheduler slice)
-    # A2 F1, one micro-batch: the chain of 18 stages of 1 ms (the two attention ranks run
-    # side by side); every stage's gather sits after its inputs arrive, before its forward, its
-    # reduce-scatter before what follows its backward: 19 units x (g + r); hooks in each
-    # of the 10 attention-side calls: 19 x 2 x h; nothing else costs (free transfers, no tail)
-    sharded = predict_af_pipe(cal, 2, 1, 1, 1, global_batch=8, shape=shape)
+    # A2 F1, one micro-batch, the runtime before its prefetch: the chain of 18 stages of
+    # 1 ms (the two attention ranks run side by side); every stage's gather sits after its
+    # inputs arrive, before its forward, its reduce-scatter before what follows its
+    # backward: 19 units x (g + r); hooks in each of the 10 attention-side calls: 19 x 2 x h;
+    # nothing else costs (free transfers, no tail)
+    sharded = predict_af_pipe(cal, 2, 1, 1, 1, global_batch=8, shape=shape, fsdp_prefetch=False)
     assert sharded.step_s == pytest.approx(0.018 + 19 * (g + r) + 38 * h)
+    # with the prefetch only the first stage's gather (5 units) waits whole; the others run
+    # beside the previous stage and F (>= 4 ms, longer than their 4 x 0.6 ms), leaving
+    # e per unit in each first forward
+    prefetched = predict_af_pipe(cal, 2, 1, 1, 1, global_batch=8, shape=shape)
+    assert prefetched.step_s == pytest.approx(0.018 + 5 * (g - e) + 19 * e + 19 * r + 38 * h)
     replicas = predict_af_pipe(cal, 2, 1, 1, 1, global_batch=8, shape=shape, fsdp=False)
     assert replicas.step_s == pytest.approx(0.018)  # all-reduces free here
     # one rank per attention group: nothing to shard

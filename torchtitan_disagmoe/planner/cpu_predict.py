@@ -172,25 +172,33 @@ def post_order_deps(programs: dict[int, list[Op]]) -> dict[Op, list[Op]]:
 FSDP_GATHER, FSDP_REDUCE = "all_gather_fsdp", "reduce_scatter_fsdp"
 
 
-def with_fsdp_ops(programs: dict[int, list[Op]], ranks, microbatches: int) -> tuple[dict[int, list[Op]], dict]:
+def with_fsdp_ops(programs: dict[int, list[Op]], ranks, microbatches: int,
+                  prefetch: bool = False) -> tuple[dict[int, list[Op]], dict]:
     """af_pipe's FSDP2 over an attention group (``AFPipeRuntime._backward``): each A-stage
-    gathers its weights once per step, at its first forward (micro-batch 0), and reduces
+    gathers its weights once per step, for its first forward (micro-batch 0), and reduces
     its gradients once, in its last backward (micro-batch ``microbatches - 1``): insert a
     collective ``all_gather_fsdp`` before the first and ``reduce_scatter_fsdp`` after the
-    last on ``ranks``. Returns the lists and the extra dependencies: the forward waits for
-    the gather, the rank's next op for the reduce-scatter (FSDP2 runs it inside the
+    last on ``ranks``. With ``prefetch`` (the runtime since commit 509c946) the gather of
+    a rank's next A-stage is posted as its previous A-stage's first forward starts (the
+    first one's at the start of the list), else right before the stage's own first
+    forward. Returns the lists and the extra dependencies: the forward waits for the
+    gather, the rank's next op for the reduce-scatter (FSDP2 runs it inside the
     backward, blocking on CPU)."""
     out, deps = {}, {}
     for r, ops in programs.items():
         if r not in ranks:
             out[r] = ops
             continue
-        new = []
+        firsts = [op[1] for op in ops if op[0] == "attention_forward" and op[2] == 0]
+        new = [(FSDP_GATHER, firsts[0], 0)] if prefetch and firsts else []
         for i, op in enumerate(ops):
             name, layer, mb = op
             if name == "attention_forward" and mb == 0:
-                new.append((FSDP_GATHER, layer, 0))
                 deps[op] = [(FSDP_GATHER, layer, 0)]
+                if not prefetch:
+                    new.append((FSDP_GATHER, layer, 0))
+                elif firsts.index(layer) + 1 < len(firsts):
+                    new.append((FSDP_GATHER, firsts[firsts.index(layer) + 1], 0))
             new.append(op)
             if name == "attention_backward" and mb == microbatches - 1:
                 new.append((FSDP_REDUCE, layer, 0))
@@ -200,11 +208,11 @@ def with_fsdp_ops(programs: dict[int, list[Op]], ranks, microbatches: int) -> tu
     return out, deps
 
 
-def _with_post_deps(deps, extra: dict[Op, list[Op]] | None = None):
+def _with_post_deps(deps, extra: dict[Op, list[Op]] | None = None, prefetch: bool = False):
     extra = extra or {}
     def of(op):
         if op[0] == FSDP_GATHER:  # in the stage's first forward, once its inputs are in
-            return list(deps(("attention_forward", op[1], 0)))
+            return [] if prefetch else list(deps(("attention_forward", op[1], 0)))
         return [] if op[0].startswith("post_") or op[0] == FSDP_REDUCE else list(deps(op))
     return lambda op: extra.get(op, []) + of(op)
 
@@ -221,11 +229,12 @@ def _comm(cal: Calibration, world: int) -> dict:
 
 def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, microbatches: int,
                     global_batch: int, seq_len: int = 128, shape: ModelShape | None = None,
-                    cores: int | None = None, fsdp: bool | None = None) -> Prediction:
+                    cores: int | None = None, fsdp: bool | None = None, fsdp_prefetch: bool = True) -> Prediction:
     """Predicted step time of an af_pipe run (module docstring); ``global_batch`` sequences.
     ``fsdp``: the attention group shards its weights with FSDP2 (the runtime's default,
     ``parallelism.data_parallel_shard_degree = -1``) rather than keeping replicas; None:
-    whenever the group has more than one rank."""
+    whenever the group has more than one rank. ``fsdp_prefetch``: the runtime starts each
+    gather one A-stage early (since commit 509c946); False: the runtime before that."""
     shape = shape or ModelShape.of()
     dims = DisaggDims(attention, expert, depth, shape.n_layers, shape.num_experts)
     dims.validate(attention + expert)
@@ -240,7 +249,7 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     extra_deps = post_order_deps(programs)
     fsdp = fsdp if fsdp is not None else dp > 1
     if fsdp and dp > 1:
-        programs, fsdp_deps = with_fsdp_ops(programs, set(range(attention)), microbatches)
+        programs, fsdp_deps = with_fsdp_ops(programs, set(range(attention)), microbatches, fsdp_prefetch)
         for op, ds in fsdp_deps.items():
             extra_deps[op] = extra_deps.get(op, []) + ds
     fsdp_comm = _fsdp_comm(cal, dp) if dp > 1 else {}
@@ -259,14 +268,18 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         if name.startswith("post_"):
             kind = name.removeprefix("post_send_").removeprefix("post_recv_")
             return comm["post"] + (nbytes(kind, rank) / comm["bandwidth"] if name.startswith("post_send_") else 0.0)
-        if name in (FSDP_GATHER, FSDP_REDUCE):  # per unit of the stage (host_bench.measure_fsdp_af)
+        if name in (FSDP_GATHER, FSDP_REDUCE):  # per unit of the stage (runtime_bench.measure_fsdp_af)
             per_unit = fsdp_comm.get("fsdp_af_gather" if name == FSDP_GATHER else "fsdp_af_reduce", 0.0)
-            return shape.fsdp_units.get(layer, 0) * per_unit
+            if name == FSDP_GATHER and fsdp_prefetch:  # the part that overlaps; the rest is in the forward
+                per_unit -= fsdp_comm.get("fsdp_af_gather_exposed", 0.0)
+            return shape.fsdp_units.get(layer, 0) * max(0.0, per_unit)
         if is_transfer(name):
             return nbytes(name, rank) / comm["bandwidth"]
         hooks = 0.0  # FSDP2's hooks run at every forward and backward of a sharded stage
         if fsdp and dp > 1 and name.startswith("attention"):
             hooks = shape.fsdp_units.get(layer, 0) * fsdp_comm.get("fsdp_af_hook", 0.0)
+            if fsdp_prefetch and name == "attention_forward" and op[2] == 0:
+                hooks += shape.fsdp_units.get(layer, 0) * fsdp_comm.get("fsdp_af_gather_exposed", 0.0)
         return scale * _stage_time(st, shape, name, layer, tokens, dp, ep) + hooks
 
     # gloo's latency between idle ranks, twice for rows (their counts go first); a
@@ -279,9 +292,11 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     # thread (runtime_bench.measure_row_transfers)
     rows_extra = comm.get("busy_sender_extra", _comm(cal, 2).get("busy_sender_extra", 0.0))
     sender_busy = lambda op: rows_extra if op[0] in ROW_TRANSFERS else 0.0
+    lanes = lambda op, r: "fsdp" if op[0] in (FSDP_GATHER, FSDP_REDUCE) else sender(op, r)  # own connections
     result = simulate(programs, duration,
-                      _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth), extra_deps),
-                      is_sender=sender, latency_fn=latency, cores=cores or cal.capacity_for(world),
+                      _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth), extra_deps,
+                                      fsdp and fsdp_prefetch),
+                      is_sender=lanes, latency_fn=latency, cores=cores or cal.capacity_for(world),
                       busy_latency_fn=busy_latency, busy_at=cal.cores, sender_busy_fn=sender_busy)
     params, extra = [], 0.0
     for r in range(world):

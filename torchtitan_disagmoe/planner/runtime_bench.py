@@ -45,13 +45,19 @@ def _fsdp_af_worker(rank: int, world: int, port: int, out_file: str, steps: int,
     torch.manual_seed(rank)
     tokens = torch.randint(0, args.vocab_size, (m, 2, 128))
 
-    def step(model, units):  # -> {(kind, stage, mb): seconds}
+    def step(model, units, prefetch=False):  # -> {(kind, stage, mb): seconds}
         times, recs = {}, {}
+        if prefetch:  # as AFPipeRuntime: the first stage's gather as the step starts, ...
+            for unit in units[0]:
+                unit.unshard(async_op=True)
         for mb in range(m):
             x = None
             for layer in range(L + 1):
                 rec = recs[(layer, mb)] = StageRecord()
                 start = time.perf_counter()
+                if prefetch and mb == 0 and layer < L:  # ... the next one's as a stage starts
+                    for unit in units[2 * layer + 2]:
+                        unit.unshard(async_op=True)
                 if layer == 0:
                     x = model.tok_embeddings(tokens[mb])
                 else:
@@ -79,11 +85,11 @@ def _fsdp_af_worker(rank: int, world: int, port: int, out_file: str, steps: int,
         return times
 
     recs_in: dict[int, torch.Tensor] = {}
-    runs = {"plain": [], "sharded": []}
+    runs = {"plain": [], "sharded": [], "prefetch": []}
     for i in range(steps + 2):  # alternate, against drift; the first two are warm-up
-        for label, model, us in (("plain", plain, {}), ("sharded", sharded, units)):
+        for label, model, us in (("plain", plain, {}), ("sharded", sharded, units), ("prefetch", sharded, units)):
             dist.barrier()
-            t = step(model, us)
+            t = step(model, us, label == "prefetch")
             if i >= 2:
                 runs[label].append(t)
     med = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
@@ -91,13 +97,16 @@ def _fsdp_af_worker(rank: int, world: int, port: int, out_file: str, steps: int,
     stages = range(L + 1)
     n_units = sum(len(units.get(2 * layer, [])) for layer in stages)
     gather = sum(s[("forward", l, 0)] - s[("forward", l, 1)] for l in stages)
+    pre = med["prefetch"]  # what stays in the first forward when the gather was started earlier
+    exposed = sum(pre[("forward", l, 0)] - pre[("forward", l, 1)] for l in stages)
     reduce = sum(s[("backward", l, m - 1)] - s[("backward", l, 0)] for l in stages)
     hooks = sum(s[("forward", l, 1)] - p[("forward", l, 1)] + s[("backward", l, 0)] - p[("backward", l, 0)]
                 for l in stages)
     if rank == 0:
         Path(out_file).write_text(json.dumps({"fsdp_af_gather": max(0.0, gather / n_units),
                                               "fsdp_af_reduce": max(0.0, reduce / n_units),
-                                              "fsdp_af_hook": max(0.0, hooks / (2 * n_units))}))
+                                              "fsdp_af_hook": max(0.0, hooks / (2 * n_units)),
+                                              "fsdp_af_gather_exposed": max(0.0, exposed / n_units)}))
     dist.destroy_process_group()
 
 
@@ -109,7 +118,9 @@ def measure_fsdp_af(world: int = 2, steps: int = 12, name: str = "qwen3_moe", fl
     against the same stages unsharded: ``fsdp_af_gather`` (the first forward of a stage in
     a step over its second: the all-gather), ``fsdp_af_reduce`` (the last backward over
     the first: the reduce-scatter) and ``fsdp_af_hook`` (FSDP2's hooks in every other
-    forward or backward, per call). Medians over ``steps`` steps."""
+    forward or backward, per call) and ``fsdp_af_gather_exposed`` (what is left of the
+    all-gather in the first forward when it was started, async, as the previous stage
+    started: the runtime's prefetch since commit 509c946). Medians over ``steps`` steps."""
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:

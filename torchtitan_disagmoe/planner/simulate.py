@@ -109,7 +109,8 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
         duration_fn: ``(op, rank) -> seconds``; a transfer lasts the longest over its ranks.
         deps: ``op -> ops`` it waits for (callable or mapping); None: no dependencies.
         blocking: a posted transfer blocks its rank until it finishes.
-        is_sender: ``(transfer op, rank) -> bool``; None: half-duplex links.
+        is_sender: ``(transfer op, rank) -> bool``; None: half-duplex links. A string
+            names a lane of its own (e.g. collectives on another connection).
         latency_fn: ``transfer op -> seconds`` its data arrives after the link is free
             again (latency delays the consumer, it does not occupy the link); None: 0.
         cores: compute ops that may run at once per host (module docstring); None: no limit.
@@ -252,7 +253,8 @@ class _Simulation:
     def _lane(self, op: Op, rank: int) -> str:
         if self.is_sender is None:
             return "link"
-        return "send" if self.is_sender(op, rank) else "recv"
+        lane = self.is_sender(op, rank)
+        return lane if isinstance(lane, str) else ("send" if lane else "recv")
 
     def _start_transfers(self, now: float) -> bool:
         started = []
