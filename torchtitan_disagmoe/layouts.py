@@ -198,7 +198,7 @@ class DisaggregatedLayout:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.config = config
         self.dims = DisaggDims(d.attention_ranks, d.expert_ranks, d.pipeline_depth, args.n_layers,
-                               args.moe.num_experts)
+                               args.moe.num_experts, expert_replicas=d.expert_replicas)
         self.dims.validate(world_size)
         # FSDP2 (HSDP with data_parallel_replicate_degree > 1) over each attention group;
         # data_parallel_shard_degree = 1 keeps plain replicas, averaged by all-reduce.
@@ -232,8 +232,9 @@ class DisaggregatedLayout:
 
     def describe(self) -> str:
         dm = self.dims
+        edp = f", edp {dm.expert_replicas}" if dm.expert_replicas > 1 else ""
         return (f"af_pipe: attention {dm.attention_ranks} ranks, experts {dm.expert_ranks} ranks, "
-                f"p = {dm.pipeline_depth} (dp {dm.dp}{self._sharding()}, ep {dm.ep}){_precision(self.config)}; "
+                f"p = {dm.pipeline_depth} (dp {dm.dp}{self._sharding()}, ep {dm.ep}{edp}){_precision(self.config)}; "
                 f"this rank: {self.role}")
 
     def _sharding(self) -> str:
@@ -257,6 +258,8 @@ class DisaggregatedLayout:
                 for param in self.model.parameters():
                     dist.all_reduce(param.grad, group=group)
                     param.grad.div_(self.dims.dp)
+        elif self.dims.expert_replicas > 1:  # replicas saw other attention ranks' tokens: sum them
+            reduce_expert_grads(self.expert_params, self.dims.my_mesh(self.rank), self.dims.dp)
         else:
             for param in self.expert_params:
                 param.grad.to_local().div_(self.dims.dp)

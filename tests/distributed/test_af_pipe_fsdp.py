@@ -1,4 +1,5 @@
-"""FSDP2 and HSDP inside the attention group of af_pipe (and HSDP in colocated runs): with the default
+"""FSDP2 and HSDP inside the attention group of af_pipe (and HSDP in colocated runs), and expert
+replicas inside an expert group: with the default
 ``parallelism.data_parallel_shard_degree = -1`` the attention weights are DTensor shards
 over the group (the parity matrix in test_af_pipe_parity.py then runs sharded for every
 layout with 2 attention ranks per group); with 1 they are plain replicas averaged by
@@ -62,3 +63,14 @@ def test_colocated_hsdp_matches_reference(tmp_path):
     config = with_overrides(_config(tmp_path / "co", "qwen3_moe", "debug", dp=4, steps=4),
                             parallelism={"data_parallel_replicate_degree": 2, "expert_parallel_degree": 2})
     assert_matches_reference(run_distributed(config, 4, cache, steps=4), reference)
+
+
+@pytest.mark.parametrize("a,f,edp", [(2, 2, 2), (2, 4, 2)], ids=["A2F2-edp2-ep1", "A2F4-edp2-ep2"])
+def test_expert_replicas_match_reference(tmp_path, a, f, edp):
+    """Experts replicated inside the expert group (disagmoe.expert_replicas): each attention
+    rank dispatches to its replica, the replicas' expert gradients are summed."""
+    cache = str(tmp_path / "cache")
+    reference = run_single(_config(tmp_path / "ref", "qwen3_moe", "debug", steps=4), cache, steps=4)
+    config = with_overrides(_config(tmp_path / "af", "qwen3_moe", "debug", a=a, f=f, p=1, dp=a, microbatches=2,
+                                    steps=4), disagmoe={"expert_replicas": edp})
+    assert_matches_reference(run_distributed(config, a + f, cache, steps=4), reference)

@@ -23,6 +23,25 @@ def test_dims_arithmetic():
     assert odd.head_group == 0 and odd.group_of_layer(2) == 2
 
 
+def test_expert_replicas_arithmetic():
+    """A4 F4 p1 with 2 expert replicas: experts rows [4, 5] and [6, 7]; attention index d
+    dispatches to row d mod 2."""
+    dims = DisaggDims(attention_ranks=4, expert_ranks=4, pipeline_depth=1, num_layers=4, num_experts=8,
+                      expert_replicas=2)
+    dims.validate(8)
+    assert (dims.dp, dims.expert_group_size, dims.ep) == (4, 4, 2)
+    assert dims.role(6) == Role("expert", 0, 2)
+    assert dims.expert_replica_ranks(0, 0) == [4, 5] and dims.expert_replica_ranks(0, 1) == [6, 7]
+    assert [dims.replica_of(d) for d in range(4)] == [0, 1, 0, 1]
+    assert dims.attention_ranks_of_replica(0, 1) == [1, 3]
+    assert list(dims.expert_range(1)) == [4, 5, 6, 7]
+    for replicas in (3, 8):  # must divide the expert group (4) and the attention group (4)
+        with pytest.raises(ValueError, match="disagmoe.expert_replicas"):
+            DisaggDims(4, 4, 1, 4, 8, expert_replicas=replicas).validate(8)
+    with pytest.raises(ValueError, match="disagmoe.expert_replicas"):
+        DisaggDims(1, 2, 1, 4, 8, expert_replicas=2).validate(3)  # one attention rank: one replica idle
+
+
 @pytest.mark.parametrize("ep,top_k", [(1, 2), (2, 2), (4, 2), (2, 6), (8, 1)])
 def test_dispatch_rows_and_expert_side_equal_the_moe_layer(ep, top_k):
     """Splitting routed tokens by expert rank, running each rank's experts on its rows and

@@ -268,6 +268,11 @@ class DisagMoE:
     """Groups p per pool; group g owns layers g, g+p, ... (af_pipe)."""
     microbatches: int = 1
     """Micro-batches per step (af_pipe); must divide training.local_batch_size."""
+    expert_replicas: int = 1
+    """Copies of each expert inside an expert group (edp): the group's ranks form edp rows
+    of expert_ranks / pipeline_depth / expert_replicas ranks, each row holding all the
+    layer's experts sharded (EP); attention rank d dispatches to row d mod edp, and
+    replicas' expert gradients are summed. 1: pure expert parallelism inside the group."""
     max_inflight: int = 0
     """Micro-batches allowed between their first forward and last backward, which bounds
     activation memory (af_pipe); 0: no bound beyond ``microbatches``."""
@@ -283,6 +288,7 @@ class DisagMoE:
         _check_positive("disagmoe.pipeline_depth", self.pipeline_depth)
         _check_positive("disagmoe.microbatches", self.microbatches)
         _check_positive("disagmoe.max_inflight", self.max_inflight, allow_zero=True)
+        _check_positive("disagmoe.expert_replicas", self.expert_replicas)
         _check_choice("disagmoe.transfer_dtype", self.transfer_dtype, ("float32", "bfloat16"))
 
 

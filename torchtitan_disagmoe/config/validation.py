@@ -35,7 +35,7 @@ def _validate_af_pipe(config: JobConfig, args, world_size: int) -> None:
 
     par, dis = config.parallelism, config.disagmoe
     DisaggDims(dis.attention_ranks, dis.expert_ranks, dis.pipeline_depth, args.n_layers,
-               args.moe.num_experts).validate(world_size)
+               args.moe.num_experts, expert_replicas=dis.expert_replicas).validate(world_size)
     config.fsdp_degrees(dis.attention_ranks // dis.pipeline_depth)  # FSDP2 / HSDP inside an attention group
     if config.training.local_batch_size % dis.microbatches:
         raise ValueError(

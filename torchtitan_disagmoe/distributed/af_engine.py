@@ -100,10 +100,14 @@ class AFPipeRuntime:
         return self.dims.attention_rank(self.dims.group_of_layer(layer), dp_index)
 
     def _expert_ranks(self, layer: int) -> list[int]:
-        return self.dims.expert_group_ranks(self.dims.group_of_layer(layer))
+        """(attention side) The expert ranks this rank's tokens of ``layer`` go to, by ep index."""
+        replica = self.dims.replica_of(self.role.index)
+        return self.dims.expert_replica_ranks(self.dims.group_of_layer(layer), replica)
 
     def _attn_ranks(self, layer: int) -> list[int]:
-        return self.dims.attention_group_ranks(self.dims.group_of_layer(layer))
+        """(expert side) The attention ranks that send ``layer``'s tokens to this rank."""
+        replica = self.role.index // self.dims.ep
+        return self.dims.attention_ranks_of_replica(self.dims.group_of_layer(layer), replica)
 
     # ---- one step ------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:

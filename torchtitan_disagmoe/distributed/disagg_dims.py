@@ -9,7 +9,9 @@ pool is split into p groups of consecutive ranks; group g of each kind owns laye
 
 Inside an attention group ranks are data parallel: the rank with index d of *every*
 attention group owns the same sequences (data-parallel index d). Inside an expert group
-the experts of each layer are sharded over the ranks (expert parallelism). The output
+the experts of each layer are sharded over the ranks (expert parallelism), or, with
+``expert_replicas`` = edp > 1, over each of edp rows of ep ranks (attention index d uses row
+d mod edp). The output
 head and loss live on attention group ``L mod p``, as if the head were layer L: the last
 layer's combine goes there like every other combine, and with p = 1 the head shares
 the rank of the embedding.
@@ -46,6 +48,10 @@ class DisaggDims:
     pipeline_depth: int
     num_layers: int
     num_experts: int
+    expert_replicas: int = 1
+    """edp: copies of each expert inside an expert group. The group's ranks form an
+    (edp, ep) grid, row-major; attention rank d of a group dispatches to replica d mod edp,
+    and the replicas' expert gradients are summed."""
     dp_replicate: int = 1
     """HSDP inside each attention group: replica groups of FSDP2 (the group's ranks form a
     (dp_replicate, dp / dp_replicate) grid, row-major)."""
@@ -71,11 +77,17 @@ class DisaggDims:
         if self.num_layers % p:
             raise ValueError(
                 f"disagmoe.pipeline_depth = {p} must divide the model's {self.num_layers} layers")
+        edp = self.expert_replicas
+        if edp < 1 or (f // p) % edp or self.dp % edp:
+            raise ValueError(
+                f"disagmoe.expert_replicas = {edp} must divide both the {f // p} ranks of an expert group "
+                f"(disagmoe.expert_ranks / pipeline_depth) and the {self.dp} ranks of an attention group "
+                "(each replica serves the same number of attention ranks)")
         if self.num_experts % self.ep:
             raise ValueError(
                 f"the {self.num_experts} experts of each layer cannot be split over the "
-                f"{self.ep} ranks of an expert group (disagmoe.expert_ranks / pipeline_depth); "
-                "choose expert_ranks so that expert_ranks / pipeline_depth divides the experts")
+                f"{self.ep} expert-parallel ranks of an expert group (disagmoe.expert_ranks / pipeline_depth "
+                "/ expert_replicas); choose expert_ranks so that this divides the experts")
 
     @property
     def dp(self) -> int:
@@ -83,9 +95,13 @@ class DisaggDims:
         return self.attention_ranks // self.pipeline_depth
 
     @property
-    def ep(self) -> int:
-        """Ranks per expert group = expert-parallel degree."""
+    def expert_group_size(self) -> int:
         return self.expert_ranks // self.pipeline_depth
+
+    @property
+    def ep(self) -> int:
+        """Expert-parallel degree: ranks one copy of a layer's experts is sharded over."""
+        return self.expert_group_size // self.expert_replicas
 
     @property
     def head_group(self) -> int:
@@ -102,14 +118,25 @@ class DisaggDims:
         return list(range(group * self.dp, (group + 1) * self.dp))
 
     def expert_group_ranks(self, group: int) -> list[int]:
-        start = self.attention_ranks + group * self.ep
-        return list(range(start, start + self.ep))
+        start = self.attention_ranks + group * self.expert_group_size
+        return list(range(start, start + self.expert_group_size))
+
+    def expert_replica_ranks(self, group: int, replica: int) -> list[int]:
+        """The ep ranks of one copy of group ``group``'s experts."""
+        return self.expert_group_ranks(group)[replica * self.ep:(replica + 1) * self.ep]
+
+    def replica_of(self, dp_index: int) -> int:
+        """The expert replica that attention ranks with data-parallel index ``dp_index`` use."""
+        return dp_index % self.expert_replicas
+
+    def attention_ranks_of_replica(self, group: int, replica: int) -> list[int]:
+        return [r for d, r in enumerate(self.attention_group_ranks(group)) if self.replica_of(d) == replica]
 
     def role(self, rank: int) -> Role:
         if rank < self.attention_ranks:
             return Role("attention", rank // self.dp, rank % self.dp)
         offset = rank - self.attention_ranks
-        return Role("expert", offset // self.ep, offset % self.ep)
+        return Role("expert", offset // self.expert_group_size, offset % self.expert_group_size)
 
     def attention_rank(self, group: int, dp_index: int) -> int:
         """Global rank of data-parallel index ``dp_index`` in attention group ``group``."""
@@ -123,7 +150,8 @@ class DisaggDims:
     def build_meshes(self, device_type: str, rank: int) -> None:
         """Create every group's process group on all ranks, and the members' meshes.
 
-        Keys: ("attention", g) with dim ("dp",), ("expert", g) with dim ("ep",), and with
+        Keys: ("attention", g) with dim ("dp",), ("expert", g) with dim ("ep",) (("edp", "ep")
+        with ``expert_replicas`` > 1), and with
         ``dp_replicate`` > 1 also ("attention_hsdp", g) with dims ("dp_replicate", "dp_shard").
         """
         for g in range(self.pipeline_depth):
@@ -137,6 +165,19 @@ class DisaggDims:
                         group, device_type, mesh=ranks, mesh_dim_names=(dim,))
             if self.dp_replicate > 1:
                 self._build_hsdp_mesh(g, device_type, rank)
+            if self.expert_replicas > 1:
+                self._build_expert_mesh(g, device_type, rank)
+
+    def _build_expert_mesh(self, g: int, device_type: str, rank: int) -> None:
+        """With expert replicas, ("expert", g) becomes the (edp, ep) grid (the whole group
+        stays in ``groups``): expert weights are Shard(0) over ep, Replicate over edp."""
+        grid = torch.tensor(self.expert_group_ranks(g)).view(self.expert_replicas, self.ep)
+        edp = [dist.new_group(col.tolist()) for col in grid.T]  # collective: every rank calls it
+        ep = [dist.new_group(row.tolist()) for row in grid]
+        if rank in grid:
+            i, j = (grid == rank).nonzero()[0].tolist()
+            self.meshes[("expert", g)] = DeviceMesh.from_group(
+                [edp[j], ep[i]], device_type, mesh=grid, mesh_dim_names=("edp", "ep"))
 
     def _build_hsdp_mesh(self, g: int, device_type: str, rank: int) -> None:
         grid = torch.tensor(self.attention_group_ranks(g)).view(self.dp_replicate, -1)
