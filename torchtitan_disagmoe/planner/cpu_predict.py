@@ -253,6 +253,8 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         for op, ds in fsdp_deps.items():
             extra_deps[op] = extra_deps.get(op, []) + ds
     fsdp_comm = _fsdp_comm(cal, dp) if dp > 1 else {}
+    # left in a prefetched stage's first forward (calibrations before it was measured: all)
+    exposed = fsdp_comm.get("fsdp_af_gather_exposed", fsdp_comm.get("fsdp_af_gather", 0.0))
     scale = stage_scale(cal, shape)
     row_bytes = {"dispatch": 4 * shape.dim + 4 * shape.top_k + 8 * (shape.top_k + 1), "combine": 4 * shape.dim + 8,
                  "dispatch_grad": 4 * shape.dim + 4 * shape.top_k, "combine_grad": 4 * shape.dim}
@@ -271,7 +273,7 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         if name in (FSDP_GATHER, FSDP_REDUCE):  # per unit of the stage (runtime_bench.measure_fsdp_af)
             per_unit = fsdp_comm.get("fsdp_af_gather" if name == FSDP_GATHER else "fsdp_af_reduce", 0.0)
             if name == FSDP_GATHER and fsdp_prefetch:  # the part that overlaps; the rest is in the forward
-                per_unit -= fsdp_comm.get("fsdp_af_gather_exposed", 0.0)
+                per_unit -= exposed
             return shape.fsdp_units.get(layer, 0) * max(0.0, per_unit)
         if is_transfer(name):
             return nbytes(name, rank) / comm["bandwidth"]
@@ -279,7 +281,7 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
         if fsdp and dp > 1 and name.startswith("attention"):
             hooks = shape.fsdp_units.get(layer, 0) * fsdp_comm.get("fsdp_af_hook", 0.0)
             if fsdp_prefetch and name == "attention_forward" and op[2] == 0:
-                hooks += shape.fsdp_units.get(layer, 0) * fsdp_comm.get("fsdp_af_gather_exposed", 0.0)
+                hooks += shape.fsdp_units.get(layer, 0) * exposed
         return scale * _stage_time(st, shape, name, layer, tokens, dp, ep) + hooks
 
     # gloo's latency between idle ranks, twice for rows (their counts go first); a
