@@ -133,6 +133,9 @@ class Training:
     float32 (torchtitan's is bfloat16) so every layout matches the fp32 reference."""
     mixed_precision_reduce: Literal["float32"] = "float32"
     """dtype of FSDP2's gradient reduction (fp32 only)."""
+    gc_freq: int = 50
+    """Python's automatic garbage collection is off during training; collect every this
+    many steps (torchtitan's ``training.gc_freq``)."""
     skip_nonfinite_steps: bool = False
     """NaN/Inf in the loss or a gradient: false stops the run (naming the step, parameters
     and pool; the last checkpoint is kept), true skips that step's update and goes on."""
@@ -143,6 +146,7 @@ class Training:
         _check_positive("training.seq_len", self.seq_len)
         _check_positive("training.max_norm", self.max_norm, allow_zero=True)
         _check_positive("training.threads_per_rank", self.threads_per_rank, allow_zero=True)
+        _check_positive("training.gc_freq", self.gc_freq)
         _check_choice("training.dataset", self.dataset, DATASETS)
         _check_choice("training.mixed_precision_param", self.mixed_precision_param, ("float32", "bfloat16"))
         _check_choice("training.mixed_precision_reduce", self.mixed_precision_reduce, ("float32",))
