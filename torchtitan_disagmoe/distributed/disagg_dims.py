@@ -171,22 +171,15 @@ class DisaggDims:
     def _build_expert_mesh(self, g: int, device_type: str, rank: int) -> None:
         """With expert replicas, ("expert", g) becomes the (edp, ep) grid (the whole group
         stays in ``groups``): expert weights are Shard(0) over ep, Replicate over edp."""
-        grid = torch.tensor(self.expert_group_ranks(g)).view(self.expert_replicas, self.ep)
-        edp = [dist.new_group(col.tolist()) for col in grid.T]  # collective: every rank calls it
-        ep = [dist.new_group(row.tolist()) for row in grid]
-        if rank in grid:
-            i, j = (grid == rank).nonzero()[0].tolist()
-            self.meshes[("expert", g)] = DeviceMesh.from_group(
-                [edp[j], ep[i]], device_type, mesh=grid, mesh_dim_names=("edp", "ep"))
+        mesh = _grid_mesh(self.expert_group_ranks(g), self.expert_replicas, ("edp", "ep"), device_type, rank)
+        if mesh is not None:
+            self.meshes[("expert", g)] = mesh
 
     def _build_hsdp_mesh(self, g: int, device_type: str, rank: int) -> None:
-        grid = torch.tensor(self.attention_group_ranks(g)).view(self.dp_replicate, -1)
-        replicate = [dist.new_group(col.tolist()) for col in grid.T]  # collective: every rank calls it
-        shard = [dist.new_group(row.tolist()) for row in grid]
-        if rank in grid:
-            i, j = (grid == rank).nonzero()[0].tolist()
-            self.meshes[("attention_hsdp", g)] = DeviceMesh.from_group(
-                [replicate[j], shard[i]], device_type, mesh=grid, mesh_dim_names=("dp_replicate", "dp_shard"))
+        mesh = _grid_mesh(self.attention_group_ranks(g), self.dp_replicate, ("dp_replicate", "dp_shard"),
+                          device_type, rank)
+        if mesh is not None:
+            self.meshes[("attention_hsdp", g)] = mesh
 
     def fsdp_mesh(self, rank: int) -> DeviceMesh:
         """The mesh FSDP2 shards an attention rank's weights over: its group, or the
@@ -201,3 +194,16 @@ class DisaggDims:
     def my_mesh(self, rank: int) -> DeviceMesh:
         role = self.role(rank)
         return self.meshes[(role.pool, role.group)]
+
+
+def _grid_mesh(ranks: list[int], rows: int, names: tuple[str, str], device_type: str, rank: int) -> DeviceMesh | None:
+    """A 2-D mesh over ``ranks`` laid out as ``rows`` rows, row-major: dim 0 runs down a
+    column, dim 1 along a row. Every rank must call this (it creates process groups);
+    members get the mesh, others None."""
+    grid = torch.tensor(ranks).view(rows, -1)
+    columns = [dist.new_group(col.tolist()) for col in grid.T]  # collective: every rank calls it
+    row_groups = [dist.new_group(row.tolist()) for row in grid]
+    if rank not in grid:
+        return None
+    i, j = (grid == rank).nonzero()[0].tolist()
+    return DeviceMesh.from_group([columns[j], row_groups[i]], device_type, mesh=grid, mesh_dim_names=names)

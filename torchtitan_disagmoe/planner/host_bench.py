@@ -44,7 +44,7 @@ def build_model(name: str, flavor: str, seed: int = 0):
 
 
 # ---- gloo -----------------------------------------------------------------------------------
-def _comm_worker(rank: int, world: int, port: int, out_file: str, reps: int) -> None:
+def _comm_worker(rank: int, port: int, out_file: str, world: int, reps: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -262,20 +262,26 @@ def _quiet_warnings():
             os.environ["PYTHONWARNINGS"] = old
 
 
-def measure_comm(world: int = 2, reps: int = 30) -> dict:
-    """gloo costs between ``world`` local processes (1 thread each): ``latency`` (s per
-    small message, one way), ``bandwidth`` (B/s), ``post`` (CPU s to post an async batch),
-    ``all_reduce`` and ``all_to_all`` (s per small collective over all ``world``)."""
+def spawn_for_json(worker, nprocs: int, *args) -> dict:
+    """Run ``worker(rank, port, out_file, *args)`` on ``nprocs`` spawned processes (a free
+    local port for their process group) and return the JSON that rank 0 wrote."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "comm.json")
+        out = os.path.join(tmp, "result.json")
         with _quiet_warnings():
-            mp.spawn(_comm_worker, args=(world, port, out, reps), nprocs=world, join=True)
+            mp.spawn(worker, args=(port, out, *args), nprocs=nprocs, join=True)
         return json.loads(Path(out).read_text())
+
+
+def measure_comm(world: int = 2, reps: int = 30) -> dict:
+    """gloo costs between ``world`` local processes (1 thread each): ``latency`` (s per
+    small message, one way), ``bandwidth`` (B/s), ``post`` (CPU s to post an async batch),
+    ``all_reduce`` and ``all_to_all`` (s per small collective over all ``world``)."""
+    return spawn_for_json(_comm_worker, world, world, reps)
 
 
 # ---- the trainer's own per-step work, one process ------------------------------------------

@@ -10,19 +10,16 @@ transfer functions).
 """
 
 import json
-import os
-import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .host_bench import _quiet_warnings, build_model
+from .host_bench import build_model, spawn_for_json
 
 
-def _fsdp_af_worker(rank: int, world: int, port: int, out_file: str, steps: int, name: str, flavor: str) -> None:
+def _fsdp_af_worker(rank: int, port: int, out_file: str, world: int, steps: int, name: str, flavor: str) -> None:
     """``measure_fsdp_af`` on one rank: the model's attention-side stages (``af_stages``),
     2 micro-batches per step, plain and sharded the runtime's way."""
     import torch.distributed as dist
@@ -121,16 +118,7 @@ def measure_fsdp_af(world: int = 2, steps: int = 12, name: str = "qwen3_moe", fl
     forward or backward, per call) and ``fsdp_af_gather_exposed`` (what is left of the
     all-gather in the first forward when it was started, async, as the previous stage
     started: the runtime's prefetch since commit 509c946). Medians over ``steps`` steps."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "fsdp.json")
-        with _quiet_warnings():
-            mp.spawn(_fsdp_af_worker, args=(world, port, out, steps, name, flavor), nprocs=world, join=True)
-        return json.loads(Path(out).read_text())
+    return spawn_for_json(_fsdp_af_worker, world, world, steps, name, flavor)
 
 
 def _row_transfer_worker(rank: int, port: int, out_file: str, reps: int, dim: int) -> None:
@@ -186,13 +174,4 @@ def measure_row_transfers(reps: int = 80, dim: int = 128) -> dict:
     ``post_sends`` with counts, ``RowRecv``) between 2 spawned processes (1 thread each):
     ``busy_sender_extra``, the mean extra wait of the receiver when the sender computes
     after posting (``_busy_sender_extra``), over ``reps`` transfers of each kind."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        with _quiet_warnings():
-            mp.spawn(_row_transfer_worker, args=(port, out, reps, dim), nprocs=2, join=True)
-        return json.loads(Path(out).read_text())
+    return spawn_for_json(_row_transfer_worker, 2, reps, dim)
