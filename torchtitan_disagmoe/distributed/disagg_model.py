@@ -100,7 +100,16 @@ def shard_attention_group(model: nn.Module, mesh, num_layers: int, mp_policy=Non
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    units_of_stage: dict[int, list[nn.Module]] = {2 * num_layers: [model.norm, model.output]}
+    return {stage: [fully_shard(unit, mesh=mesh, reshard_after_forward=False,
+                                mp_policy=mp_policy or MixedPrecisionPolicy()) for unit in units]
+            for stage, units in attention_units(model, num_layers).items()}
+
+
+def attention_units(model: nn.Module, num_layers: int) -> dict[int, list[nn.Module]]:
+    """The modules the runtime calls in each A-stage (2l, and 2L for the head) that hold
+    trainable parameters: what ``shard_attention_group`` makes FSDP2 units of (the planner
+    counts them the same way)."""
+    units_of_stage: dict[int, list] = {2 * num_layers: [model.norm, model.output]}
     for layer_id, block in model.layers.items():
         units = [block.attention_norm, block.attention, block.ffn_norm, getattr(block, "feed_forward", None)]
         moe = getattr(block, "moe", None)
@@ -109,10 +118,6 @@ def shard_attention_group(model: nn.Module, mesh, num_layers: int, mp_policy=Non
         if int(layer_id) == 0:
             units.append(model.tok_embeddings)
         units_of_stage[2 * int(layer_id)] = units
-    sharded: dict[int, list[nn.Module]] = {}
-    for stage, units in units_of_stage.items():
-        for unit in units:
-            if unit is not None and any(p.requires_grad for p in unit.parameters()):
-                sharded.setdefault(stage, []).append(fully_shard(
-                    unit, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy or MixedPrecisionPolicy()))
-    return sharded
+    kept = {stage: [u for u in units if u is not None and any(p.requires_grad for p in u.parameters())]
+            for stage, units in units_of_stage.items()}
+    return {stage: units for stage, units in kept.items() if units}

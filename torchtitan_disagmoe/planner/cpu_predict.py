@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 from torchtitan_disagmoe.distributed.disagg_dims import DisaggDims
+from torchtitan_disagmoe.distributed.disagg_model import attention_units
 
 from .calibrate import Calibration, Linear, StageFits, build_model
 from .programs import af_dependencies, af_sender_fn, schedule_program_per_rank
@@ -85,16 +86,8 @@ class ModelShape:
 
 
 def _fsdp_units(model) -> dict[int, int]:
-    """Modules with parameters that ``shard_attention_group`` makes FSDP2 units, per A-stage."""
-    has = lambda m: m is not None and any(True for _ in m.parameters())
-    units = {len(model.layers): sum(has(m) for m in (model.norm, model.output))}
-    for layer_id, block in model.layers.items():
-        mods = [block.attention_norm, block.attention, block.ffn_norm, getattr(block, "feed_forward", None)]
-        moe = getattr(block, "moe", None)
-        mods += [moe.router, moe.shared_experts] if moe is not None else []
-        mods += [model.tok_embeddings] if int(layer_id) == 0 else []
-        units[int(layer_id)] = sum(has(m) for m in mods)
-    return units
+    """FSDP2 units per A-stage's layer, as ``shard_attention_group`` makes them."""
+    return {stage // 2: len(units) for stage, units in attention_units(model, len(model.layers)).items()}
 
 
 def scheduler_slice_s(cores: int) -> float:
