@@ -314,9 +314,10 @@ class Trainer:
         tracker = StepMemoryTracker(self.model, self.optimizers.optimizers)
         with tracker:
             values = self.train_step()
-        pools = ("attention", "expert") if hasattr(self.layout, "role") else ("all",)
-        my_pool = self.layout.role.pool if hasattr(self.layout, "role") else "all"
-        return {**values, **tracker.report(pools, my_pool, self.world_size, self.device)}
+        role = getattr(self.layout, "role", None)  # af_pipe: two pools
+        pools = ("attention", "expert") if role is not None else ("all",)
+        return {**values, **tracker.report(pools, role.pool if role is not None else "all", self.world_size,
+                                           self.device)}
 
     def _traced_step(self) -> dict[str, float]:
         """A training step whose per-rank action timeline (and optionally a profiler
