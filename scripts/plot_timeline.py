@@ -42,7 +42,7 @@ def draw(records: list[dict], out: Path, min_label_frac: float = 0.025) -> None:
     end = max(e[4] for r in records for e in r["events"]) or 1.0
     fig, ax = plt.subplots(figsize=(14, 0.7 * len(records) + 1.5))
     for row, record in enumerate(records):
-        for name, stage, mb, start, stop in record["events"]:
+        for name, stage, mb, start, stop, *_ in record["events"]:
             kind = classify(name, stage, record["num_layers"])
             if kind in ("transfer", "wait") and stop - start < end * 0.002:
                 continue  # posting a transfer is instant; only show the ones that waited

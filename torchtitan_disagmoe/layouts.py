@@ -218,7 +218,9 @@ class DisaggregatedLayout:
         moe_layers = [args.is_moe_layer(layer) for layer in range(args.n_layers)]
         self.runtime = AFPipeRuntime(self.model, self.dims, rank, moe_layers, args.dim, args.moe.top_k, device,
                                      microbatches=d.microbatches, max_inflight=d.max_inflight,
-                                     transfer_dtype=getattr(torch, d.transfer_dtype))
+                                     transfer_dtype=getattr(torch, d.transfer_dtype),
+                                     tokens_per_microbatch=config.training.local_batch_size
+                                     * config.training.seq_len // d.microbatches)
         self.runtime.fsdp_units = fsdp_units
         self.runtime.forward_context = functools.partial(autocast_unsharded, config.training, device.type, self.fsdp)
         for module in self.model.modules():  # each micro-batch's balance loss is 1/M of the step's

@@ -62,6 +62,14 @@ def route_everything_to_expert_0(trainer) -> None:
         moe.expert_bias.copy_(-100.0 * torch.arange(moe.expert_bias.numel(), dtype=torch.float32))
 
 
+def counts_first_receives(trainer) -> None:
+    """af_pipe on gloo: receive rows the way NCCL needs (their counts first, then payloads
+    posted in the order of the sends) instead of at once into bounded buffers."""
+    runtime = trainer.layout.runtime
+    assert runtime.max_rows is not None, "gloo should post row receives at once, bounded"
+    runtime.max_rows = None
+
+
 def run_steps(config: JobConfig, cache_dir: str, steps: int, prepare=None) -> dict:
     """Train ``steps`` steps; gradients are captured at step 1 before clipping.
 

@@ -13,7 +13,7 @@ import pytest
 from torchtitan_disagmoe.config.job_config import JobConfig
 from torchtitan_disagmoe.config.manager import with_overrides
 
-from .harness import route_everything_to_expert_0, run_distributed, run_single
+from .harness import counts_first_receives, route_everything_to_expert_0, run_distributed, run_single
 from .test_colocated_parity import assert_matches_reference
 
 pytestmark = pytest.mark.slow
@@ -80,3 +80,13 @@ def test_af_pipe_microbatches_match_single_process(tmp_path, tmp_path_factory, a
     """The AF-Pipe schedule over several micro-batches: same gradients (accumulated with
     1/M scaling, balance loss included) and the same 20-step loss curve."""
     _check(tmp_path, tmp_path_factory, "qwen3_moe", "debug", a, f, p, microbatches=microbatches, steps=20)
+
+
+def test_counts_first_receives_match_single_process(tmp_path, tmp_path_factory):
+    """The receive protocol of NCCL, which needs equal send and receive sizes (row counts
+    first, payload receives posted per peer in the order of the sends), run on gloo with 2
+    micro-batches and two peers per transfer: same gradients and loss curve."""
+    config = _config(tmp_path, "qwen3_moe", "debug", 2, 2, 1, 2, microbatches=2)
+    result = run_distributed(config, 4, cache_dir=str(tmp_path_factory.getbasetemp() / "cache"), steps=STEPS,
+                             prepare=counts_first_receives)
+    assert_matches_reference(result, _reference(tmp_path_factory, "qwen3_moe", "debug"))

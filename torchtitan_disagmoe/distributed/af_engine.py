@@ -10,7 +10,8 @@ Meaning of the library's action types here:
     F / B (stage, mb)   forward / backward of a stage (af_stages.py), on this rank
     SEND_F of A(l)      post dispatch(l) to the F group (+ residual(l) when p > 1)
     SEND_F of F(l)      post combine(l) to the next attention group
-    RECV_F              post the matching receives (counts first, then payloads)
+    RECV_F              post the matching receives (dispatch.py: at once on gloo; NCCL:
+                        counts first, then payloads)
     SEND_B / RECV_B     the same edges in reverse, carrying gradients
 Sends and receives are posted where the schedule puts them and waited for only when a
 stage needs the data (or at the end of the step for sends), so transfers run while this
@@ -36,7 +37,8 @@ from .af_stages import StageRecord, attention_layer_forward, head_forward, leaf,
 from .disagg_dims import DisaggDims
 from .failure import Activity, TransferError
 from .dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL, RESIDUAL_GRAD, CommStats,
-                       Pending, RowRecv, make_tag, post_recvs_known, post_sends)
+                       Pending, RowRecv, make_tag, post_recvs_known, post_sends,
+                       receives_into_larger_buffers)
 from .pipelining_ir import BACKWARD, FORWARD, RECV_B, RECV_F, SEND_B, SEND_F
 from .schedule import AFPipeShape, build_af_pipe_schedule
 
@@ -48,15 +50,16 @@ def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
 
 class StepTimes:
     """Wall time of one step on this rank, split into compute and waiting, plus a trace
-    of every action: (name, stage, micro-batch, start s, end s) from the step start."""
+    of every action: (name, stage, micro-batch, start s, end s, s of it spent waiting for
+    transfers), times from the step start."""
 
     def __init__(self):
         self.compute = self.wait = 0.0
         self.start = time.perf_counter()
-        self.trace: list[tuple[str, int, int, float, float]] = []
+        self.trace: list[tuple[str, int, int, float, float, float]] = []
 
-    def record(self, name: str, stage: int, mb: int, start: float) -> None:
-        self.trace.append((name, stage, mb, start - self.start, time.perf_counter() - self.start))
+    def record(self, name: str, stage: int, mb: int, start: float, waited: float) -> None:
+        self.trace.append((name, stage, mb, start - self.start, time.perf_counter() - self.start, waited))
 
     def fractions(self) -> tuple[float, float, float]:
         total = max(time.perf_counter() - self.start, 1e-9)
@@ -68,7 +71,7 @@ class AFPipeRuntime:
 
     def __init__(self, model: nn.Module, dims: DisaggDims, rank: int, moe_layers: list[bool], dim: int,
                  top_k: int, device: torch.device, microbatches: int = 1, max_inflight: int = 0,
-                 transfer_dtype: torch.dtype = torch.float32):
+                 transfer_dtype: torch.dtype = torch.float32, tokens_per_microbatch: int | None = None):
         self.model, self.dims, self.rank, self.device = model, dims, rank, device
         self.role = dims.role(rank)
         self.moe_layers, self.dim, self.top_k = moe_layers, dim, top_k
@@ -82,6 +85,10 @@ class AFPipeRuntime:
         # Floating payloads of dispatch, combine and their gradients travel in this dtype
         # (bf16 halves the bytes); the residual stream always moves in full precision.
         self.wire_dtype = transfer_dtype
+        # Rows of a dispatch or combine between two ranks: at most one per token of the
+        # attention rank's micro-batch. Where the backend takes receives larger than their
+        # message (gloo), row receives are posted at once with that bound (dispatch.py).
+        self.max_rows = tokens_per_microbatch if tokens_per_microbatch and receives_into_larger_buffers() else None
         # Set by the trainer: every wait raises after ``timeout`` (a dead or stuck peer),
         # and ``activity`` says what this rank is doing, for failure reports.
         self.timeout: timedelta | None = None
@@ -131,19 +138,23 @@ class AFPipeRuntime:
         for action in self.actions:
             # Post payload receives whose counts arrived meanwhile, so data keeps moving.
             self.unposted = [r for r in self.unposted if not r.poll()]
-            start = time.perf_counter()
+            start, waited = time.perf_counter(), self.times.wait
             self.activity.set(f"{action.computation_type.name} of {self.stage_name(action.stage_index)}, "
                               f"micro-batch {action.microbatch_index}")
             handlers[action.computation_type](action.stage_index, action.microbatch_index)
-            self.times.record(action.computation_type.name, action.stage_index, action.microbatch_index, start)
-        start = time.perf_counter()
+            self.times.record(action.computation_type.name, action.stage_index, action.microbatch_index, start,
+                              self.times.wait - waited)
+        start, waited = time.perf_counter(), self.times.wait
         for pending in self.outbox:
             self._wait(pending, "the end of this step's sends")
-        self.times.record("WAIT_SENDS", -1, -1, start)
+        self.times.record("WAIT_SENDS", -1, -1, start, self.times.wait - waited)
         assert not self.records, f"stage records leaked: {sorted(self.records)}"
         return torch.stack(self.losses).mean() if self.losses else None
 
     def _post_rows(self, key: tuple[str, int, int], peers: list[int], layout, tag: int) -> None:
+        if self.max_rows is not None:  # everything posted now, in the schedule's order
+            self.inbox[key] = RowRecv(peers, layout, tag, self.device, self.max_rows)
+            return
         # Per peer, payload receives must be posted in the order of the sends (NCCL).
         for earlier in self.unposted:
             if set(earlier.peers) & set(peers):

@@ -3,11 +3,21 @@ the residual hand-off between attention groups, and their gradients.
 
 Every transfer moves *rows* (one per token, or per (token, expert rank)) whose number
 changes every step. The sender posts the row count (one int64 per peer) and the payloads
-together, without waiting; the receiver posts the count receive, then the payload
-receives once the count is in (``RowRecv``). Everything goes through async
-``batch_isend_irecv`` (gloo and NCCL) and is waited for only when the data is needed.
-Where the receiver already knows the counts (every backward transfer, and fixed-size
-residual hand-offs) there is no count. Empty payloads are never sent.
+together, without waiting. How the receiver takes them depends on the backend
+(``RowRecv``):
+
+- gloo completes a receive whose buffer is larger than the message (the data fill its
+  start), so the receiver posts the count and payload receives at once, the payload into
+  buffers of the most rows the peer can send (one per token of the micro-batch: the
+  once-per-(token, rank) rule), and slices them to the count. One message, no round trip.
+- NCCL needs the receive's size to equal the send's: the receiver posts the count
+  receive, then the payload receives once the count is in. The payload then moves only
+  after that second post, which the receiver makes between two of its actions.
+
+Everything goes through async ``batch_isend_irecv`` and is waited for only when the data
+is needed. Where the receiver already knows the counts (every backward transfer, and
+fixed-size residual hand-offs) there is no count. Empty payloads are sent only to
+receivers that posted for them (gloo).
 
 Why our own instead of torch.distributed.pipelining's P2P: the library pre-allocates
 receive buffers from the first micro-batch's shapes, and its stages talk only to the
@@ -69,6 +79,12 @@ class Pending:
         return self.tensors
 
 
+def receives_into_larger_buffers() -> bool:
+    """Whether a receive may be posted larger than its message (gloo: the data fill the
+    buffer's start; NCCL: sizes must be equal)."""
+    return dist.get_backend() == "gloo"
+
+
 def post_sends(send: dict[int, list[torch.Tensor]], tag: int, device: torch.device, with_counts: bool,
                stats: CommStats | None = None, kind: int = 0) -> Pending:
     """Post (counts and) payloads to peers without waiting; keep the result until done."""
@@ -82,38 +98,50 @@ def post_sends(send: dict[int, list[torch.Tensor]], tag: int, device: torch.devi
             ops.append(dist.P2POp(dist.isend, count, peer, tag=tag + 3))
             if stats is not None:
                 stats.add(kind, [count])
+        # A bounded receive (with counts, gloo) waits for every payload, even an empty one.
+        send_empty = with_counts and receives_into_larger_buffers()
         for i, t in enumerate(tensors):
-            if t.numel():
+            if t.numel() or send_empty:
                 ops.append(dist.P2POp(dist.isend, t, peer, tag=tag + i))
         if stats is not None:
             stats.add(kind, tensors)
     return Pending(_post(ops), keep)
 
 
-def post_recvs_known(recv: dict[int, list[torch.Tensor]], tag: int) -> Pending:
-    """Post receives into pre-allocated tensors (sizes known) without waiting."""
+def post_recvs_known(recv: dict[int, list[torch.Tensor]], tag: int, empty_too: bool = False) -> Pending:
+    """Post receives into pre-allocated tensors (sizes known, or bounds) without waiting."""
     ops = [dist.P2POp(dist.irecv, t, peer, tag=tag + i)
-           for peer, tensors in recv.items() for i, t in enumerate(tensors) if t.numel()]
+           for peer, tensors in recv.items() for i, t in enumerate(tensors) if t.numel() or empty_too]
     return Pending(_post(ops), recv)
 
 
 class RowRecv:
-    """Receives of rows whose counts are not known yet: counts are posted at once, the
-    payload receives as soon as the counts are in (``poll``) or when needed (``wait``).
+    """Receives of rows whose counts are not known yet.
 
-    Peers send counts and payloads together, so nothing here waits for the sender's
-    compute. For NCCL, which matches point-to-point messages by order rather than by tag,
-    the runtime never lets a later RowRecv from a peer post before an earlier one has
-    posted its payloads (``force``).
+    With ``max_rows`` (gloo, ``receives_into_larger_buffers``) the counts and the payloads
+    are posted at once, the payloads into buffers of ``max_rows`` rows; ``wait`` slices
+    them to the counts. Without (NCCL): counts are posted at once, the payload receives as
+    soon as the counts are in (``poll``) or when needed (``wait``). Peers send counts and
+    payloads together, so nothing here waits for the sender's compute. For NCCL, which
+    matches point-to-point messages by order rather than by tag, the runtime never lets
+    a later RowRecv from a peer post before an earlier one has posted its payloads
+    (``force``).
     """
 
     def __init__(self, recv_from: list[int], layout: list[tuple[tuple[int, ...], torch.dtype]], tag: int,
-                 device: torch.device):
+                 device: torch.device, max_rows: int | None = None):
         self.layout, self.tag, self.device = layout, tag, device
         self.peers = list(recv_from)
         self.counts = {peer: torch.empty(1, dtype=torch.int64, device=device) for peer in recv_from}
         self.count_works = _post([dist.P2POp(dist.irecv, c, peer, tag=tag + 3) for peer, c in self.counts.items()])
         self.payload: Pending | None = None
+        self.bounded = max_rows is not None
+        if self.bounded:
+            self.payload = post_recvs_known(self._buffers(lambda peer: max_rows), tag, empty_too=True)
+
+    def _buffers(self, rows) -> dict[int, list[torch.Tensor]]:
+        return {peer: [torch.empty((rows(peer),) + shape, dtype=dtype, device=self.device)
+                       for shape, dtype in self.layout] for peer in self.peers}
 
     def poll(self) -> bool:
         """Post the payload receives if the counts have arrived; True once posted."""
@@ -127,10 +155,13 @@ class RowRecv:
             return
         for work in self.count_works:
             work.wait(timeout) if timeout is not None else work.wait()
-        tensors = {peer: [torch.empty((int(self.counts[peer]),) + shape, dtype=dtype, device=self.device)
-                          for shape, dtype in self.layout] for peer in self.peers}
-        self.payload = post_recvs_known(tensors, self.tag)
+        self.payload = post_recvs_known(self._buffers(lambda peer: int(self.counts[peer])), self.tag)
 
     def wait(self, timeout: timedelta | None = None) -> dict[int, list[torch.Tensor]]:
         self.force(timeout)
-        return self.payload.wait(timeout)
+        got = self.payload.wait(timeout)
+        if not self.bounded:
+            return got
+        for work in self.count_works:
+            work.wait(timeout) if timeout is not None else work.wait()
+        return {peer: [t[:int(self.counts[peer])] for t in ts] for peer, ts in got.items()}
