@@ -1,8 +1,9 @@
 """Predicted vs measured step time of real runs on this CPU (docs/planner.md, section 8).
 
 1. Calibrate (``planner/calibrate.py``, cached; ``--refresh`` measures again): the
-   runtime's stage functions on one thread, the one-process step, gloo costs, af_pipe's
-   FSDP2 per unit, late rows of a computing sender and the cores concurrent ranks share.
+   runtime's actions inside short af_pipe runs at global batches 1-6 (CPU per action,
+   FSDP2 per unit), the stage functions on one thread, the one-process step, gloo costs,
+   late rows of a computing sender and the cores concurrent ranks share.
 2. Predict (``planner/cpu_predict.py``) af_pipe layouts (A 1-2, F 1-2, p 1-2, micro-batches
    1, 2, 4) and colocated EP on 2 and 4 ranks, all at the same global batch.
 3. With ``--measure``: run each configuration for real (torchrun, gloo, the debug job
@@ -11,7 +12,7 @@
    one-process step again before each configuration and predicts with it (the host's
    speed drifts with other users' load); ``--nice -10`` shields the runs from that load.
 
-    python scripts/calibrate_planner.py                    # predictions only (~4 min to calibrate the first time)
+    python scripts/calibrate_planner.py                    # predictions only (~6 min to calibrate the first time)
     python scripts/calibrate_planner.py --measure --repeats 2 --json out.json
     python scripts/calibrate_planner.py --measure --only "af_pipe A1 F1 p1 m2"
 """
@@ -20,9 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,12 +38,7 @@ from torchtitan_disagmoe.planner.cpu_predict import (
     predict_colocated,
 )
 from torchtitan_disagmoe.planner.host_bench import measure_trainer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torchtitan_disagmoe.planner.runtime_trace import run_trainer
 
 
 def run_config(kind: str, cfg: tuple, global_batch: int, steps: int, warmup: int, config: str) -> float:
@@ -61,13 +55,7 @@ def run_config(kind: str, cfg: tuple, global_batch: int, steps: int, warmup: int
     over.update({"training.local_batch_size": global_batch // dp, "training.steps": steps, "metrics.log_freq": 1,
                  "checkpoint.enable": "false", "metrics.enable_tensorboard": "false", "metrics.timeline_step": 0})
     with tempfile.TemporaryDirectory() as dump:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-               "--master-port", str(_free_port()), "-m", "torchtitan_disagmoe.train", "--job.config_file", config,
-               "--job.dump_folder", dump] + [x for k, v in over.items() for x in (f"--{k}", str(v))]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (Path(dump) / "metrics.jsonl").read_text().splitlines()]
+        rows = run_trainer(world, over, config, dump)
     return statistics.median(r["elapsed_s"] for r in rows if r["step"] > warmup)
 
 

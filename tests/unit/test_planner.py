@@ -356,9 +356,13 @@ def test_cpu_prediction_by_hand():
     # (A fwd 4 + head fwd + head bwd + A bwd 4, F fwd 4 + F bwd 4); free transfers, no tail
     one = predict_af_pipe(_const_calibration(1e-3), 1, 1, 1, 1, global_batch=8, shape=shape)
     assert one.step_s == pytest.approx(0.018) and one.tail_s == 0
-    # each message's latency sits on the chain: 8 forward (dispatch, combine: 2 each) + 8 backward
+    # each message's latency sits on the chain: 8 forward + 8 backward; with counts first
+    # (NCCL's protocol) dispatch and combine take two messages each
     lat = predict_af_pipe(_const_calibration(1e-3, latency=1e-4), 1, 1, 1, 1, global_batch=8, shape=shape)
-    assert lat.step_s == pytest.approx(0.018 + 24e-4)
+    assert lat.step_s == pytest.approx(0.018 + 16e-4)
+    counts_first = predict_af_pipe(_const_calibration(1e-3, latency=1e-4), 1, 1, 1, 1, global_batch=8,
+                                   shape=shape, bounded_rows=False)
+    assert counts_first.step_s == pytest.approx(0.018 + 24e-4)
     # two micro-batches overlap A and F work: faster than twice the chain, slower than one
     two = predict_af_pipe(_const_calibration(1e-3), 1, 1, 1, 2, global_batch=8, shape=shape)
     assert 0.018 < two.step_s < 0.036

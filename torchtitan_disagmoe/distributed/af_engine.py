@@ -33,12 +33,30 @@ from torch import nn
 
 from torchtitan_disagmoe.models.activation_checkpoint import NO_CHECKPOINTING
 
-from .af_stages import StageRecord, attention_layer_forward, head_forward, leaf, run_local_experts
+from .af_stages import (
+    StageRecord,
+    attention_layer_forward,
+    head_forward,
+    leaf,
+    run_local_experts,
+)
 from .disagg_dims import DisaggDims
+from .dispatch import (
+    COMBINE,
+    COMBINE_GRAD,
+    DISPATCH,
+    DISPATCH_GRAD,
+    RESIDUAL,
+    RESIDUAL_GRAD,
+    CommStats,
+    Pending,
+    RowRecv,
+    make_tag,
+    post_recvs_known,
+    post_sends,
+    receives_into_larger_buffers,
+)
 from .failure import Activity, TransferError
-from .dispatch import (COMBINE, COMBINE_GRAD, DISPATCH, DISPATCH_GRAD, RESIDUAL, RESIDUAL_GRAD, CommStats,
-                       Pending, RowRecv, make_tag, post_recvs_known, post_sends,
-                       receives_into_larger_buffers)
 from .pipelining_ir import BACKWARD, FORWARD, RECV_B, RECV_F, SEND_B, SEND_F
 from .schedule import AFPipeShape, build_af_pipe_schedule
 
@@ -51,15 +69,17 @@ def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
 class StepTimes:
     """Wall time of one step on this rank, split into compute and waiting, plus a trace
     of every action: (name, stage, micro-batch, start s, end s, s of it spent waiting for
-    transfers), times from the step start."""
+    transfers, CPU s of this rank's main thread in it), times from the step start. Wall
+    time well above CPU time outside waits means the thread was waiting for a core."""
 
     def __init__(self):
         self.compute = self.wait = 0.0
         self.start = time.perf_counter()
-        self.trace: list[tuple[str, int, int, float, float, float]] = []
+        self.trace: list[tuple[str, int, int, float, float, float, float]] = []
 
-    def record(self, name: str, stage: int, mb: int, start: float, waited: float) -> None:
-        self.trace.append((name, stage, mb, start - self.start, time.perf_counter() - self.start, waited))
+    def record(self, name: str, stage: int, mb: int, start: float, waited: float, cpu_start: float) -> None:
+        self.trace.append((name, stage, mb, start - self.start, time.perf_counter() - self.start, waited,
+                           time.thread_time() - cpu_start))
 
     def fractions(self) -> tuple[float, float, float]:
         total = max(time.perf_counter() - self.start, 1e-9)
@@ -138,16 +158,16 @@ class AFPipeRuntime:
         for action in self.actions:
             # Post payload receives whose counts arrived meanwhile, so data keeps moving.
             self.unposted = [r for r in self.unposted if not r.poll()]
-            start, waited = time.perf_counter(), self.times.wait
+            start, waited, cpu = time.perf_counter(), self.times.wait, time.thread_time()
             self.activity.set(f"{action.computation_type.name} of {self.stage_name(action.stage_index)}, "
                               f"micro-batch {action.microbatch_index}")
             handlers[action.computation_type](action.stage_index, action.microbatch_index)
             self.times.record(action.computation_type.name, action.stage_index, action.microbatch_index, start,
-                              self.times.wait - waited)
-        start, waited = time.perf_counter(), self.times.wait
+                              self.times.wait - waited, cpu)
+        start, waited, cpu = time.perf_counter(), self.times.wait, time.thread_time()
         for pending in self.outbox:
             self._wait(pending, "the end of this step's sends")
-        self.times.record("WAIT_SENDS", -1, -1, start, self.times.wait - waited)
+        self.times.record("WAIT_SENDS", -1, -1, start, self.times.wait - waited, cpu)
         assert not self.records, f"stage records leaked: {sorted(self.records)}"
         return torch.stack(self.losses).mean() if self.losses else None
 

@@ -10,6 +10,9 @@ With one torch thread (each rank's share when ranks >= cores) this module measur
   ``a + b x`` (``Linear``): attention layer (x = tokens, per expert-parallel degree: the
   dispatch split loops over expert ranks), head (x = tokens), experts (x = routed copies,
   per number of local experts); the optimizer step (x = parameters).
+- from ``runtime_trace.py``: every action's CPU time inside the runtime itself, from
+  af_pipe runs of the trainer with one micro-batch at global batches 1-6 (the stage
+  functions above plus what the runtime does around them, and the posting of transfers).
 - from ``host_bench.py``: the one-process training step (``measure_trainer``), gloo
   between 2-4 spawned processes (``measure_comm``), af_pipe's FSDP2 per unit over an
   attention group of 2 (``measure_fsdp_af``) and the cores that many ranks share
@@ -18,7 +21,7 @@ With one torch thread (each rank's share when ranks >= cores) this module measur
 ``calibrate()`` caches everything as JSON next to ``this_machine.json``;
 ``cpu_predict.py`` turns it into step-time predictions through the simulator.
 
-    python -m torchtitan_disagmoe.planner.calibrate [--refresh]   # measure (~4 min), print
+    python -m torchtitan_disagmoe.planner.calibrate [--refresh]   # measure (~6 min), print
 """
 
 import json
@@ -237,6 +240,12 @@ def _measure_optimizer(model, repeats: int) -> Linear:
     return fit_linear(xs, ys)
 
 
+CALIBRATION_VERSION = 2
+"""Bumped when a measurement changes meaning; a cached calibration of another version is
+measured again (2: ``busy_sender_extra`` is for bounded row receives, commit 2d4e909,
+and the runtime's per-action CPU times, ``runtime_trace.py``, were added)."""
+
+
 @dataclass
 class Calibration:
     """Everything the CPU prediction needs: stage fits, gloo per world size, cores."""
@@ -249,6 +258,16 @@ class Calibration:
     """``measure_trainer()``: one process's step, forward/backward and tail."""
     capacity: dict[int, float] = field(default_factory=dict)
     """ranks -> ``measure_capacity(ranks)``: the cores that many busy ranks share."""
+    runtime: dict = field(default_factory=dict)
+    """``runtime_trace.measure_runtime_actions()``: CPU per action inside the runtime."""
+
+    @property
+    def runtime_stages(self) -> "StageFits | None":
+        return StageFits.from_json(self.runtime["stages"]) if self.runtime else None
+
+    @property
+    def runtime_posts(self) -> dict[str, Linear]:
+        return {k: Linear(**v) for k, v in self.runtime.get("posts", {}).items()}
 
     def capacity_for(self, ranks: int) -> float:
         """Measured capacity for ``ranks`` (the nearest measured count), else ``cores``."""
@@ -263,14 +282,15 @@ class Calibration:
         return max(0.0, self.trainer.get("tail", 0.0) - self.stages.optimizer(self.trainer.get("params", 0)))
 
     def to_json(self) -> dict:
-        return {"cores": self.cores, "stages": self.stages.to_json(), "comm": {str(k): v for k, v in self.comm.items()},
-                "trainer": self.trainer, "capacity": {str(k): v for k, v in self.capacity.items()}}
+        return {"version": CALIBRATION_VERSION, "cores": self.cores, "stages": self.stages.to_json(), "comm": {str(k): v for k, v in self.comm.items()},
+                "trainer": self.trainer, "capacity": {str(k): v for k, v in self.capacity.items()},
+                "runtime": self.runtime}
 
     @staticmethod
     def from_json(d: dict) -> "Calibration":
         return Calibration(int(d["cores"]), StageFits.from_json(d["stages"]),
                            {int(k): v for k, v in d["comm"].items()}, d.get("trainer", {}),
-                           {int(k): v for k, v in d.get("capacity", {}).items()})
+                           {int(k): v for k, v in d.get("capacity", {}).items()}, d.get("runtime", {}))
 
 
 def calibration_file(model: str = "qwen3_moe/debug") -> Path:
@@ -282,14 +302,19 @@ def calibrate(name: str = "qwen3_moe", flavor: str = "debug", worlds=(2, 3, 4), 
     """Cached calibration of ``name/flavor`` (measured when absent or ``refresh``)."""
     path = path or calibration_file(f"{name}/{flavor}")
     if path.exists() and not refresh:
-        return Calibration.from_json(json.loads(path.read_text()))
+        cached = json.loads(path.read_text())
+        if cached.get("version") == CALIBRATION_VERSION:
+            return Calibration.from_json(cached)
     stages = measure_stages(name, flavor)
     trainer = measure_trainer(config_file)
     trainer["params"] = sum(p.numel() for p in build_model(name, flavor)[0].parameters())
     comm = {w: measure_comm(w) for w in worlds}
     comm[min(worlds)].update(measure_fsdp_af(min(worlds)))  # the attention groups here have 2 ranks
     comm[min(worlds)].update(measure_row_transfers())
-    cal = Calibration(os.cpu_count() or 1, stages, comm, trainer, {w: measure_capacity(w) for w in worlds})
+    capacity = {w: measure_capacity(w) for w in worlds}
+    from .runtime_trace import measure_runtime_actions  # imports this module
+    runtime = measure_runtime_actions(config_file)
+    cal = Calibration(os.cpu_count() or 1, stages, comm, trainer, capacity, runtime)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=1))
     return cal

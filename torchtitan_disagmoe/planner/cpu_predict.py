@@ -37,6 +37,7 @@ from torchtitan_disagmoe.distributed.disagg_model import attention_units
 
 from .calibrate import Calibration, Linear, StageFits, build_model
 from .programs import af_dependencies, af_sender_fn, schedule_program_per_rank
+from .runtime_trace import expected_rows
 from .simulate import Op, is_transfer, simulate
 
 TRAINER_ALL_REDUCES = {"af_pipe": 5, "colocated": 4}
@@ -108,9 +109,7 @@ def _copies_on_expert_rank(shape: ModelShape, tokens: float, ep: int) -> float:
 
 def _rows_per_expert_rank(shape: ModelShape, tokens: float, ep: int) -> float:
     """Expected rows (token, expert rank) one attention rank sends one expert rank."""
-    from math import comb
-    e, k = shape.num_experts, shape.top_k
-    return tokens * (1 - comb(e - e // ep, k) / comb(e, k))
+    return expected_rows(tokens, shape.num_experts, shape.top_k, ep)
 
 
 def _tail(cal: Calibration, params_per_rank: list[int], all_reduces: int, world: int,
@@ -123,8 +122,7 @@ def _tail(cal: Calibration, params_per_rank: list[int], all_reduces: int, world:
 
 
 ROW_TRANSFERS = ("dispatch", "combine")
-"""Transfers whose row counts go first: the receiver posts the payload receives once they
-arrive (``dispatch.RowRecv``)."""
+"""Transfers of rows whose number the receiver does not know (``dispatch.RowRecv``)."""
 
 
 def with_post_ops(programs: dict[int, list[Op]], is_sender=None) -> dict[int, list[Op]]:
@@ -222,16 +220,24 @@ def _comm(cal: Calibration, world: int) -> dict:
 
 def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, microbatches: int,
                     global_batch: int, seq_len: int = 128, shape: ModelShape | None = None,
-                    cores: int | None = None, fsdp: bool | None = None, fsdp_prefetch: bool = True) -> Prediction:
+                    cores: int | None = None, fsdp: bool | None = None, fsdp_prefetch: bool = True,
+                    bounded_rows: bool = True) -> Prediction:
     """Predicted step time of an af_pipe run (module docstring); ``global_batch`` sequences.
     ``fsdp``: the attention group shards its weights with FSDP2 (the runtime's default,
     ``parallelism.data_parallel_shard_degree = -1``) rather than keeping replicas; None:
     whenever the group has more than one rank. ``fsdp_prefetch``: the runtime starts each
-    gather one A-stage early (since commit 509c946); False: the runtime before that."""
+    gather one A-stage early (since commit 509c946); False: the runtime before that.
+    ``bounded_rows``: row receives are posted at once into bounded buffers (the runtime
+    on gloo since commit 2d4e909: counts and payload travel together); False: counts
+    first, payload receives posted per peer in send order (NCCL's protocol, and gloo's
+    before that commit)."""
     shape = shape or ModelShape.of()
     dims = DisaggDims(attention, expert, depth, shape.n_layers, shape.num_experts)
     dims.validate(attention + expert)
-    world, dp, ep, st = attention + expert, dims.dp, dims.ep, cal.stages
+    world, dp, ep = attention + expert, dims.dp, dims.ep
+    # the runtime's own per-action CPU times where calibrated (runtime_trace.py), else the
+    # bare stage functions x the one-process step's scale
+    st, posts = (cal.runtime_stages, cal.runtime_posts) if cal.runtime else (cal.stages, {})
     if global_batch % (dp * microbatches):
         raise ValueError(f"global_batch = {global_batch} must split into dp = {dp} x {microbatches} micro-batches")
     tokens = global_batch // dp * seq_len / microbatches  # per attention rank and micro-batch
@@ -239,16 +245,17 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
     is_attention = lambda r: r < attention
     sender = af_sender_fn(is_attention, lambda r: dims.role(r).group, depth)
     programs = with_post_ops(schedule_program_per_rank(dims, shape.moe_layers, microbatches), sender)
-    extra_deps = post_order_deps(programs)
+    extra_deps = {} if bounded_rows else post_order_deps(programs)
     fsdp = fsdp if fsdp is not None else dp > 1
     if fsdp and dp > 1:
         programs, fsdp_deps = with_fsdp_ops(programs, set(range(attention)), microbatches, fsdp_prefetch)
         for op, ds in fsdp_deps.items():
             extra_deps[op] = extra_deps.get(op, []) + ds
-    fsdp_comm = _fsdp_comm(cal, dp) if dp > 1 else {}
+    # per unit: the micro-benchmark's, with what the runtime's own runs measured on top
+    fsdp_comm = {**_fsdp_comm(cal, dp), **cal.runtime.get("fsdp", {})} if dp > 1 else {}
     # left in a prefetched stage's first forward (calibrations before it was measured: all)
     exposed = fsdp_comm.get("fsdp_af_gather_exposed", fsdp_comm.get("fsdp_af_gather", 0.0))
-    scale = stage_scale(cal, shape)
+    scale = 1.0 if cal.runtime else stage_scale(cal, shape)
     row_bytes = {"dispatch": 4 * shape.dim + 4 * shape.top_k + 8 * (shape.top_k + 1), "combine": 4 * shape.dim + 8,
                  "dispatch_grad": 4 * shape.dim + 4 * shape.top_k, "combine_grad": 4 * shape.dim}
     rows = _rows_per_expert_rank(shape, tokens, ep)
@@ -260,6 +267,8 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
 
     def duration(op: Op, rank: int) -> float:
         name, layer, _ = op
+        if name in posts:  # x = rows the post handles, over all its peers
+            return posts[name](rows * (ep if is_attention(rank) else dp))
         if name.startswith("post_"):
             kind = name.removeprefix("post_send_").removeprefix("post_recv_")
             return comm["post"] + (nbytes(kind, rank) / comm["bandwidth"] if name.startswith("post_send_") else 0.0)
@@ -277,22 +286,24 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
                 hooks += shape.fsdp_units.get(layer, 0) * exposed
         return scale * _stage_time(st, shape, name, layer, tokens, dp, ep) + hooks
 
-    # gloo's latency between idle ranks, twice for rows (their counts go first); a
+    # gloo's latency between idle ranks, twice for rows when their counts go first; a
     # transfer that starts while every core computes also waits for gloo's threads to
     # get a core: about one scheduler slice (``scheduler_slice_s``)
-    latency = lambda op: comm["latency"] * (2 if op[0] in ("dispatch", "combine") else 1)
+    rounds = 1 if bounded_rows else 2
+    latency = lambda op: comm["latency"] * (rounds if op[0] in ROW_TRANSFERS else 1)
     busy_latency = lambda op: latency(op) + scheduler_slice_s(cal.cores)
-    # rows (counts first) whose sender computes after posting arrive late: the payload
-    # receive is posted after the payload was sent, and the rest needs the sender's gloo
-    # thread (runtime_bench.measure_row_transfers)
-    rows_extra = comm.get("busy_sender_extra", _comm(cal, 2).get("busy_sender_extra", 0.0))
+    # rows whose sender computes after posting arrive late: the rest of the transfer
+    # needs the sender's gloo thread (runtime_bench.measure_row_transfers, per protocol)
+    key = "busy_sender_extra" if bounded_rows else "busy_sender_extra_counts_first"
+    rows_extra = comm.get(key, _comm(cal, 2).get(key, 0.0))
     sender_busy = lambda op: rows_extra if op[0] in ROW_TRANSFERS else 0.0
     lanes = lambda op, r: "fsdp" if op[0] in (FSDP_GATHER, FSDP_REDUCE) else sender(op, r)  # own connections
     result = simulate(programs, duration,
                       _with_post_deps(af_dependencies(shape.n_layers, shape.moe_layers, depth), extra_deps,
                                       fsdp and fsdp_prefetch),
                       is_sender=lanes, latency_fn=latency, cores=cores or cal.capacity_for(world),
-                      busy_latency_fn=busy_latency, busy_at=cal.cores, sender_busy_fn=sender_busy)
+                      busy_latency_fn=busy_latency, busy_at=cal.cores, sender_busy_fn=sender_busy,
+                      cpu_bound_fn=lambda op: op[0] in (FSDP_GATHER, FSDP_REDUCE))
     params, extra = [], 0.0
     for r in range(world):
         role = dims.role(r)
@@ -357,7 +368,7 @@ def predict_colocated(cal: Calibration, world: int, global_batch: int, seq_len: 
         raise ValueError(f"global_batch = {global_batch} must be a multiple of world = {world}")
     tokens, st, comm = global_batch // world * seq_len, cal.stages, _comm(cal, world)
     programs = {r: colocated_program(shape.n_layers) for r in range(world)}
-    scale = stage_scale(cal, shape)
+    scale = 1.0 if cal.runtime else stage_scale(cal, shape)
     copy_bytes = tokens * shape.top_k * (world - 1) / world * 4 * shape.dim  # rows leaving the rank
 
     def duration(op: Op, rank: int) -> float:

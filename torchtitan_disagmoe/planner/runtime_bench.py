@@ -127,19 +127,23 @@ def _row_transfer_worker(rank: int, port: int, out_file: str, reps: int, dim: in
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    extra = _busy_sender_extra(rank, reps, dim)
+    extra = _busy_sender_extra(rank, reps, dim, bounded=True)
+    extra_counts_first = _busy_sender_extra(rank, reps, dim, bounded=False)
     if rank == 0:
-        Path(out_file).write_text(json.dumps({"busy_sender_extra": extra}))
+        Path(out_file).write_text(json.dumps({"busy_sender_extra": extra,
+                                              "busy_sender_extra_counts_first": extra_counts_first}))
     dist.destroy_process_group()
 
 
-def _busy_sender_extra(rank: int, reps: int, dim: int, rows: int = 512, compute_s: float = 0.03) -> float:
+def _busy_sender_extra(rank: int, reps: int, dim: int, rows: int = 512, compute_s: float = 0.03,
+                       bounded: bool = True) -> float:
     """Rank 1 posts rows with their count (``post_sends``) and computes ``compute_s``;
     rank 0 waits for them (``RowRecv``, posted early): the mean wait over that of the same
-    transfer with an idle sender. The receiver posts the payload receive only when the
-    count is in, after the payload was sent, and the rest of the transfer needs the
-    sender's gloo thread, which then waits for a core beside the sender's computing main
-    thread: either at once or after several ms (the scheduler), bimodal."""
+    transfer with an idle sender. ``bounded``: the payload receive is posted at once, into
+    a buffer of ``rows`` (the runtime on gloo); else only when the count is in, after the
+    payload was sent (counts first), so the rest of the transfer needs the sender's gloo
+    thread, which then waits for a core beside the sender's computing main thread:
+    either at once or after several ms (the scheduler), bimodal."""
     import torch.distributed as dist
 
     from torchtitan_disagmoe.distributed.dispatch import RowRecv, post_sends
@@ -151,7 +155,7 @@ def _busy_sender_extra(rank: int, reps: int, dim: int, rows: int = 512, compute_
     for i in range(2 * reps + 2):
         busy = compute_s if i % 2 else 0.0
         tag = 100_000 + 16 * i
-        recv = RowRecv([1], layout, tag, cpu) if rank == 0 else None
+        recv = RowRecv([1], layout, tag, cpu, rows if bounded else None) if rank == 0 else None
         dist.barrier()
         if rank == 1:
             sent = post_sends({0: payload}, tag, cpu, True)
@@ -173,5 +177,7 @@ def measure_row_transfers(reps: int = 80, dim: int = 128) -> dict:
     """Rows posted and received with the runtime's own functions (``dispatch.py``:
     ``post_sends`` with counts, ``RowRecv``) between 2 spawned processes (1 thread each):
     ``busy_sender_extra``, the mean extra wait of the receiver when the sender computes
-    after posting (``_busy_sender_extra``), over ``reps`` transfers of each kind."""
+    after posting (``_busy_sender_extra``), over ``reps`` transfers of each kind, with
+    bounded receives (gloo's protocol) and, as ``busy_sender_extra_counts_first``, with
+    counts first (NCCL's)."""
     return spawn_for_json(_row_transfer_worker, 2, reps, dim)

@@ -101,7 +101,8 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
              latency_fn: Callable[[Op], float] | None = None, cores: int | None = None,
              host_of: Callable[[int], int] | None = None,
              busy_latency_fn: Callable[[Op], float] | None = None, busy_at: int = 2,
-             sender_busy_fn: Callable[[Op], float] | None = None) -> SimResult:
+             sender_busy_fn: Callable[[Op], float] | None = None,
+             cpu_bound_fn: Callable[[Op], bool] | None = None) -> SimResult:
     """Replay the lists (module docstring); returns makespan and busy intervals.
 
     Args:
@@ -122,6 +123,10 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
             computing when its data would arrive (the rest of the transfer needs the
             sender's communication thread, which may wait for a core beside the
             computing one).
+        cpu_bound_fn: with ``cores``, transfers (collectives) whose progress is CPU work
+            on every participant (gloo reduces and copies on its own threads): one that
+            starts while a host holds k of its participants and n running compute ops
+            lasts ``max(1, (k + n) / cores)`` times its duration.
     """
     if cores is not None and cores <= 0:
         raise ValueError(f"cores = {cores} must be > 0 (or None: no limit)")
@@ -129,6 +134,7 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
     sim.cores, sim.host_of = cores, host_of or (lambda rank: 0)
     sim.busy_latency_fn, sim.busy_at = busy_latency_fn, busy_at
     sim.sender_busy_fn = sender_busy_fn
+    sim.cpu_bound_fn = cpu_bound_fn
     return sim.run()
 
 
@@ -162,6 +168,7 @@ class _Simulation:
         self.busy_latency_fn: Callable[[Op], float] | None = None
         self.busy_at = 2
         self.sender_busy_fn: Callable[[Op], float] | None = None
+        self.cpu_bound_fn: Callable[[Op], bool] | None = None
         self.now = 0.0
 
     def run(self) -> SimResult:
@@ -261,7 +268,7 @@ class _Simulation:
         for op in self.ready_transfers:
             lanes = [(r, self._lane(op, r)) for r in self.members[op]]
             if self._deps_done(op) and all(self.link_until[lane] <= now for lane in lanes):
-                end = now + self._duration(op, self.members[op])
+                end = now + self._duration(op, self.members[op]) * self._cpu_stretch(op)
                 for lane in lanes:
                     self.link_until[lane] = end
                     self.result.intervals[lane[0]].append(Interval(lane[0], op, now, end, lane[1]))
@@ -275,6 +282,16 @@ class _Simulation:
                 started.append(op)
         self.ready_transfers = [op for op in self.ready_transfers if op not in started]
         return bool(started)
+
+    def _cpu_stretch(self, op: Op) -> float:
+        """How much slower a CPU-bound transfer runs for sharing its hosts' cores
+        (``cpu_bound_fn``), from the compute running as it starts."""
+        if self.cpu_bound_fn is None or self.cores is None or not self.cpu_bound_fn(op):
+            return 1.0
+        per_host: dict[int, int] = defaultdict(int)
+        for r in self.members[op]:
+            per_host[self.host_of(r)] += 1
+        return max(max(1.0, (k + len(self.active[h])) / self.cores) for h, k in per_host.items())
 
     def _latency(self, op: Op) -> float:
         """``busy_latency_fn`` when, as the transfer starts, a host of its ranks has at
