@@ -368,7 +368,7 @@ def predict_colocated(cal: Calibration, world: int, global_batch: int, seq_len: 
         raise ValueError(f"global_batch = {global_batch} must be a multiple of world = {world}")
     tokens, st, comm = global_batch // world * seq_len, cal.stages, _comm(cal, world)
     programs = {r: colocated_program(shape.n_layers) for r in range(world)}
-    scale = 1.0 if cal.runtime else stage_scale(cal, shape)
+    scale = stage_scale(cal, shape)  # the colocated model runs the bare stage functions
     copy_bytes = tokens * shape.top_k * (world - 1) / world * 4 * shape.dim  # rows leaving the rank
 
     def duration(op: Op, rank: int) -> float:
