@@ -273,7 +273,14 @@ def spawn_for_json(worker, nprocs: int, *args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         with _quiet_warnings():
-            mp.spawn(worker, args=(port, out, *args), nprocs=nprocs, join=True)
+            try:
+                mp.spawn(worker, args=(port, out, *args), nprocs=nprocs, join=True)
+            except mp.ProcessExitedException:
+                # gloo threads can abort a process at exit ("terminate called without an
+                # active exception", seen once in measure_fsdp_af): the measurement is
+                # complete when rank 0 wrote its result
+                if not Path(out).exists():
+                    raise
         return json.loads(Path(out).read_text())
 
 
