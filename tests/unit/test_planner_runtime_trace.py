@@ -104,3 +104,19 @@ def test_prediction_uses_the_runtime_actions_when_calibrated():
     # computed. No stage scale (it would be 50 / 18 with these bare-function numbers).
     pred = predict_af_pipe(_runtime_calibration(1e-3, 1e-4), 1, 1, 1, 1, global_batch=8, shape=shape)
     assert pred.step_s == pytest.approx(0.018 + 16e-4)
+
+
+def test_send_posted_while_the_cores_are_taken_waits_off_them():
+    # r0 computes 1 s then posts a send (1 s of CPU); r1, r2 compute 10 s; 2 cores.
+    # [0, 1.5]: three ops at 2/3. At 1.5 the post finds both cores taken by r1, r2: it
+    # waits 0.5 s off the cores (they run at full speed), then runs at 2/3: ends at 3.5.
+    programs = {0: [("attention_forward", 0, 0), ("post_send_dispatch", 0, 0)],
+                1: [("expert_forward", 0, 0)], 2: [("expert_forward", 1, 0)]}
+    duration = lambda op, rank: 10.0 if op[0] == "expert_forward" else 1.0
+    blocked = simulate(programs, duration, cores=2, blocked_start_fn=lambda op: 0.5 * op[0].startswith("post_send"))
+    post = [iv for iv in blocked.intervals[0] if iv.op[0] == "post_send_dispatch"][0]
+    assert (post.start, post.end) == (pytest.approx(1.5), pytest.approx(3.5))
+    # r1's 10 s: 1.0 done by 1.5, 0.5 more by 2.0, 1.0 more by 3.5, the last 7.5 alone
+    assert blocked.finish[("expert_forward", 0, 0)] == pytest.approx(11.0)
+    plain = simulate(programs, duration, cores=2)
+    assert plain.finish[("post_send_dispatch", 0, 0)] == pytest.approx(3.0)

@@ -303,7 +303,8 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
                                       fsdp and fsdp_prefetch),
                       is_sender=lanes, latency_fn=latency, cores=cores or cal.capacity_for(world),
                       busy_latency_fn=busy_latency, busy_at=cal.cores, sender_busy_fn=sender_busy,
-                      cpu_bound_fn=lambda op: op[0] in (FSDP_GATHER, FSDP_REDUCE))
+                      cpu_bound_fn=lambda op: op[0] in (FSDP_GATHER, FSDP_REDUCE),
+                      blocked_start_fn=lambda op: scheduler_slice_s(cal.cores) if op[0].startswith("post_send_") else 0.0)
     params, extra = [], 0.0
     for r in range(world):
         role = dims.role(r)

@@ -102,7 +102,8 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
              host_of: Callable[[int], int] | None = None,
              busy_latency_fn: Callable[[Op], float] | None = None, busy_at: int = 2,
              sender_busy_fn: Callable[[Op], float] | None = None,
-             cpu_bound_fn: Callable[[Op], bool] | None = None) -> SimResult:
+             cpu_bound_fn: Callable[[Op], bool] | None = None,
+             blocked_start_fn: Callable[[Op], float] | None = None) -> SimResult:
     """Replay the lists (module docstring); returns makespan and busy intervals.
 
     Args:
@@ -127,6 +128,9 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
             on every participant (gloo reduces and copies on its own threads): one that
             starts while a host holds k of its participants and n running compute ops
             lasts ``max(1, (k + n) / cores)`` times its duration.
+        blocked_start_fn: with ``cores``, seconds a compute op waits off the cores before
+            it runs when it starts while ``busy_at`` or more other ranks of its host
+            compute (posting a gloo send waits for gloo's thread, which waits for a core).
     """
     if cores is not None and cores <= 0:
         raise ValueError(f"cores = {cores} must be > 0 (or None: no limit)")
@@ -135,6 +139,7 @@ def simulate(program_per_rank: Mapping[int, list[Op]], duration_fn: Callable[[Op
     sim.busy_latency_fn, sim.busy_at = busy_latency_fn, busy_at
     sim.sender_busy_fn = sender_busy_fn
     sim.cpu_bound_fn = cpu_bound_fn
+    sim.blocked_start_fn = blocked_start_fn
     return sim.run()
 
 
@@ -153,6 +158,7 @@ class _Simulation:
         self.busy_until = {r: 0.0 for r in self.programs}  # compute lane
         self.link_until: dict[tuple[int, str], float] = defaultdict(float)
         self.blocked_on: dict[int, Op] = {}
+        self.pending_start: dict[int, float] = {}  # rank -> start of an op blocked off the cores
         self.posted: dict[Op, int] = defaultdict(int)
         self.ready_transfers: list[Op] = []  # posted by everyone, not started (FIFO)
         self.ends: dict[Op, list[float]] = defaultdict(list)
@@ -169,6 +175,7 @@ class _Simulation:
         self.busy_at = 2
         self.sender_busy_fn: Callable[[Op], float] | None = None
         self.cpu_bound_fn: Callable[[Op], bool] | None = None
+        self.blocked_start_fn: Callable[[Op], float] | None = None
         self.now = 0.0
 
     def run(self) -> SimResult:
@@ -183,6 +190,8 @@ class _Simulation:
                 _, _, op, ranks = heapq.heappop(self.events)
                 if op is not None and op[0] == "#ps":
                     self._ps_finished(op, ranks[0], now)
+                elif op is not None and op[0] == "#unblock":
+                    self._ps_start(op[1:], ranks[0], now)
                 elif op is not None and op[0] == "#arrive":
                     self.now = now
                     self._push(op[1:], ranks, now + self._sender_busy(op[1:]))
@@ -213,11 +222,13 @@ class _Simulation:
                     if self.blocking:
                         self.blocked_on[rank] = op
                 elif self._deps_done(op) and self.cores is not None:
-                    host = self.host_of(rank)
-                    self._ps_advance(host, now)
-                    self.active[host][rank] = [op, self._duration(op, [rank]), now]
                     self.busy_until[rank] = float("inf")
-                    self._ps_schedule(host, now)
+                    blocked = self._blocked_start(op, rank)
+                    if blocked > 0:  # off the cores first, then running
+                        self.pending_start[rank] = now
+                        self._push(("#unblock",) + op, [rank], now + blocked)
+                    else:
+                        self._ps_start(op, rank, now)
                 elif self._deps_done(op):
                     end = now + self._duration(op, [rank])
                     self.busy_until[rank] = end
@@ -230,6 +241,21 @@ class _Simulation:
         return changed
 
     # ---- processor sharing ------------------------------------------------------------
+    def _ps_start(self, op: Op, rank: int, now: float) -> None:
+        host = self.host_of(rank)
+        self._ps_advance(host, now)
+        start = self.pending_start.pop(rank, now)  # the interval includes a blocked start
+        self.active[host][rank] = [op, self._duration(op, [rank]), start]
+        self._ps_schedule(host, now)
+
+    def _blocked_start(self, op: Op, rank: int) -> float:
+        """``blocked_start_fn(op)`` when ``busy_at`` or more other ranks of the host compute."""
+        if self.blocked_start_fn is None:
+            return 0.0
+        host = self.host_of(rank)
+        others = sum(1 for r in self.active[host] if r != rank)
+        return float(self.blocked_start_fn(op)) if others >= self.busy_at else 0.0
+
     def _ps_rate(self, host: int) -> float:
         return min(1.0, self.cores / max(1, len(self.active[host])))
 
