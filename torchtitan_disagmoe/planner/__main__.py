@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ep-dedup", choices=("copy", "rank"), default="copy",
                        help="baselines' all-to-all: every routed copy (Megatron) or once per (token, rank)")
     model.add_argument("--no-expert-replication", action="store_true",
-                       help="only layouts DisaggDims runs today (edp = 1)")
+                       help="only layouts without expert replicas (edp = 1)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true")
     out.add_argument("--details", action="store_true", help="with --json: add a 'details' object")

@@ -34,7 +34,8 @@ the node's NICs through NVLink relays, the fraction ``nic_share`` for attention-
 traffic: the "division of network bandwidth between the pools"). With shared-nic, a
 replica of an expert group spans nodes/edp nodes, so a fraction edp/nodes of the traffic
 stays on NVLink. Expert replication (edp > 1) is the ("edp", "ep") F-group mesh of
-DESIGN.md section 3; ``DisaggDims`` does not implement it yet (edp = 1 runs today).
+DESIGN.md section 3, run as ``disagmoe.expert_replicas = edp`` (full copies, not sharded
+over edp: each replica keeps its experts' whole optimizer state, as memory.py counts).
 """
 
 import math

@@ -97,8 +97,8 @@ def to_table(plan: Plan) -> str:
                      f"{100 * b['busy_expert']:.0f}%, fill/drain {b['bubble_s']:.3f} s, exposed gradient "
                      f"reduction {b['grad_sync_exposed_s']:.3f} s; memory peak on {rec.memory.what}")
         if rec.layout["expert_replicas"] > 1:
-            lines.append("note: expert_replicas > 1 needs the ('edp', 'ep') expert-group mesh of DESIGN.md "
-                         "section 3, which DisaggDims does not implement yet (--no-expert-replication)")
+            lines.append(f"note: runs with disagmoe.expert_replicas = {rec.layout['expert_replicas']} (each expert "
+                         "group holds that many full copies of its experts; --no-expert-replication: edp = 1)")
     else:
         lines.append(f"af_pipe: {plan.af.why_none()}")
     if plan.seq_len > costs.args.max_seq_len:
