@@ -9,7 +9,7 @@ from torchtitan_disagmoe.planner.runtime_trace import (
     action_samples,
     expected_rows,
     fit_samples,
-    fsdp_blocked,
+    fsdp_costs,
 )
 from torchtitan_disagmoe.planner.simulate import simulate
 
@@ -57,16 +57,20 @@ def test_fit_samples_takes_the_median_at_each_size():
     assert posts["post_send_dispatch"](150) == pytest.approx(0.2)
 
 
-def test_fsdp_blocked_takes_the_rank_held_least_per_unit():
+def test_fsdp_costs_take_the_rank_held_least_and_the_cpu_beyond_the_plain_stage():
     def record(rank_events):
-        return {"pool": "attention", "events": rank_events}
-    # stage 0 has 2 units: forward held 0.4 / 0.2 s (wall - waited - cpu), backward 1.0 / 1.4
+        return {"pool": "attention", "num_layers": 1, "events": rank_events}
+    # stage 0 has 2 units: forward held 0.4 / 0.2 s (wall - waited - cpu), backward 1.0 / 1.4;
+    # without FSDP2 the forward costs 0.8 s of CPU and the backward 1.6 s
     a = record([_event("FORWARD", 0, wall=2.0, waited=0.6, cpu=1.0), _event("FULL_BACKWARD", 0, wall=3.0, cpu=2.0)])
-    b = record([_event("FORWARD", 0, wall=1.2, cpu=1.0), _event("FULL_BACKWARD", 0, wall=3.4, cpu=2.0)])
-    expert = {"pool": "expert", "events": [_event("FORWARD", 1, wall=9.0, cpu=1.0)]}
-    got = fsdp_blocked([a, b, expert], units={0: 2})
+    b = record([_event("FORWARD", 0, wall=1.2, cpu=1.0), _event("FULL_BACKWARD", 0, wall=3.6, cpu=2.2)])
+    expert = {"pool": "expert", "num_layers": 1, "events": [_event("FORWARD", 1, wall=9.0, cpu=1.0)]}
+    plain = StageFits("runtime", {1: Linear(0.8, 0.0)}, {1: Linear(1.6, 0.0)})
+    got = fsdp_costs([a, b, expert], units={0: 2}, stages=plain, tokens=512)
     assert got["fsdp_af_gather_exposed"] == [pytest.approx(0.1)]
     assert got["fsdp_af_reduce"] == [pytest.approx(0.5)]
+    assert got["fsdp_af_forward_cpu"] == [pytest.approx(0.1)]  # (1.0 - 0.8) / 2 units
+    assert got["fsdp_af_backward_cpu"] == [pytest.approx(0.25)]  # (2.1 - 1.6) / 2
 
 
 def test_cpu_bound_collective_shares_the_cores():

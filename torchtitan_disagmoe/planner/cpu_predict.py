@@ -281,9 +281,18 @@ def predict_af_pipe(cal: Calibration, attention: int, expert: int, depth: int, m
             return nbytes(name, rank) / comm["bandwidth"]
         hooks = 0.0  # FSDP2's hooks run at every forward and backward of a sharded stage
         if fsdp and dp > 1 and name.startswith("attention"):
-            hooks = shape.fsdp_units.get(layer, 0) * fsdp_comm.get("fsdp_af_hook", 0.0)
-            if fsdp_prefetch and name == "attention_forward" and op[2] == 0:
-                hooks += shape.fsdp_units.get(layer, 0) * exposed
+            units, per_call = shape.fsdp_units.get(layer, 0), fsdp_comm.get("fsdp_af_hook", 0.0)
+            first = name == "attention_forward" and op[2] == 0
+            last = name == "attention_backward" and op[2] == microbatches - 1
+            # a stage's first forward copies the gathered weights out, its last backward
+            # the gradients in: their CPU measured inside runs where calibrated
+            if first:
+                per_call = fsdp_comm.get("fsdp_af_forward_cpu", per_call)
+            elif last:
+                per_call = fsdp_comm.get("fsdp_af_backward_cpu", per_call)
+            hooks = units * per_call
+            if fsdp_prefetch and first:
+                hooks += units * exposed
         return scale * _stage_time(st, shape, name, layer, tokens, dp, ep) + hooks
 
     # gloo's latency between idle ranks, twice for rows when their counts go first; a

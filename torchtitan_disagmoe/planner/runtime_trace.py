@@ -108,24 +108,40 @@ def action_samples(record: dict, tokens: int, ep: int, num_experts: int, top_k: 
     return out
 
 
-def fsdp_blocked(records: list[dict], units: dict[int, int]) -> dict[str, list[float]]:
-    """Per unit, the time FSDP2's collectives held each A-stage's first forward (the part
-    of the all-gather its prefetch did not hide) and last backward (the reduce-scatter),
-    from the timelines of an af_pipe run with one micro-batch and FSDP2 over one group:
-    the action's wall time minus its transfer waits and its CPU time, on the group rank
-    that was held least (the other one also waited for its peer to arrive).
+def fsdp_costs(records: list[dict], units: dict[int, int], stages: StageFits, tokens: int,
+               ep: int = 1) -> dict[str, list[float]]:
+    """Per unit, what FSDP2 adds to each A-stage of an af_pipe run with one micro-batch of
+    ``tokens`` and FSDP2 over one group, from the ranks' timelines:
+
+    - ``fsdp_af_gather_exposed`` / ``fsdp_af_reduce``: the time its collectives held the
+      stage's first forward (the gather its prefetch did not hide) and last backward (the
+      reduce-scatter): wall minus transfer waits minus CPU, on the group rank that was
+      held least (the other one also waited for its peer to arrive);
+    - ``fsdp_af_forward_cpu`` / ``fsdp_af_backward_cpu``: the CPU of that forward and
+      backward beyond the same action without FSDP2 (``stages``, fitted from the runs
+      without it): hooks, copying gathered weights out and gradients in; mean of the ranks.
+
     ``units``: A-stage -> FSDP2 units (``disagg_model.attention_units``)."""
+    num_layers = next(r["num_layers"] for r in records)
     held: dict[tuple[str, int], list[float]] = defaultdict(list)
+    extra_cpu: dict[tuple[str, int], list[float]] = defaultdict(list)
     for record in records:
         if record["pool"] != "attention":
             continue
         for name, stage, mb, start, end, waited, cpu in record["events"]:
             if name in ("FORWARD", "FULL_BACKWARD") and stage in units and mb == 0:
                 held[(name, stage)].append(max(0.0, end - start - waited - cpu) / units[stage])
-    out: dict[str, list[float]] = {"fsdp_af_gather_exposed": [], "fsdp_af_reduce": []}
-    for (name, _), values in held.items():
-        out["fsdp_af_gather_exposed" if name == "FORWARD" else "fsdp_af_reduce"].append(min(values))
-    return out
+                direction = "forward" if name == "FORWARD" else "backward"
+                fit = (getattr(stages, f"head_{direction}") if stage == 2 * num_layers
+                       else getattr(stages, f"attention_{direction}")[ep])
+                extra_cpu[(name, stage)].append((cpu - fit(tokens)) / units[stage])
+    out: dict[str, list[float]] = defaultdict(list)
+    for (name, stage), values in held.items():
+        forward = name == "FORWARD"
+        out["fsdp_af_gather_exposed" if forward else "fsdp_af_reduce"].append(min(values))
+        cpu = statistics.fmean(extra_cpu[(name, stage)])
+        out["fsdp_af_forward_cpu" if forward else "fsdp_af_backward_cpu"].append(max(0.0, cpu))
+    return dict(out)
 
 
 def fit_samples(samples: dict[str, list]) -> tuple[StageFits, dict[str, Linear]]:
@@ -152,7 +168,7 @@ def measure_runtime_actions(config_file: str = "train_configs/debug_model.toml",
                             layouts=TRACE_LAYOUTS, batches=TRACE_BATCHES, seq_len: int = 128) -> dict:
     """Run the calibration jobs (module docstring) and fit their actions' CPU times;
     returns ``{"stages": StageFits json, "posts": {op: Linear json}, "fsdp": per-unit
-    FSDP2 seconds (``fsdp_blocked``, medians)}``. The traced step is the last of
+    FSDP2 seconds (``fsdp_costs``, medians over stages and batches)}``. The traced step is the last of
     ``steps`` (earlier ones warm up)."""
     from torchtitan_disagmoe.config.manager import load_job_config
     from torchtitan_disagmoe.models import get_model_spec
@@ -173,15 +189,15 @@ def measure_runtime_actions(config_file: str = "train_configs/debug_model.toml",
                     for key, points in action_samples(record, batch * seq_len, f, moe.num_experts,
                                                       moe.top_k).items():
                         samples[key] += points
+    stages, posts = fit_samples(samples)
     fsdp: dict[str, list[float]] = defaultdict(list)
     for batch in FSDP_BATCHES:
         a, f = FSDP_LAYOUT
         with tempfile.TemporaryDirectory() as dump:
-            run_trainer(a + f, {**_overrides(a, f, batch // a, seq_len, steps)}, config_file, dump)
+            run_trainer(a + f, _overrides(a, f, batch // a, seq_len, steps), config_file, dump)
             records = [json.loads(p.read_text()) for p in sorted((Path(dump) / "timeline").glob("rank*.json"))]
-        for key, values in fsdp_blocked(records, units).items():
+        for key, values in fsdp_costs(records, units, stages, batch // a * seq_len, ep=f).items():
             fsdp[key] += values
-    stages, posts = fit_samples(samples)
     return {"stages": stages.to_json(), "posts": {k: v.__dict__ for k, v in posts.items()},
             "fsdp": {k: statistics.median(v) for k, v in fsdp.items() if v}}
 
