@@ -70,6 +70,11 @@ def counts_first_receives(trainer) -> None:
     runtime.max_rows = None
 
 
+def counts_first_and_everything_to_expert_0(trainer) -> None:
+    counts_first_receives(trainer)
+    route_everything_to_expert_0(trainer)
+
+
 def run_steps(config: JobConfig, cache_dir: str, steps: int, prepare=None) -> dict:
     """Train ``steps`` steps; gradients are captured at step 1 before clipping.
 

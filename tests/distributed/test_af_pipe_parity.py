@@ -13,7 +13,13 @@ import pytest
 from torchtitan_disagmoe.config.job_config import JobConfig
 from torchtitan_disagmoe.config.manager import with_overrides
 
-from .harness import counts_first_receives, route_everything_to_expert_0, run_distributed, run_single
+from .harness import (
+    counts_first_and_everything_to_expert_0,
+    counts_first_receives,
+    route_everything_to_expert_0,
+    run_distributed,
+    run_single,
+)
 from .test_colocated_parity import assert_matches_reference
 
 pytestmark = pytest.mark.slow
@@ -90,3 +96,12 @@ def test_counts_first_receives_match_single_process(tmp_path, tmp_path_factory):
     result = run_distributed(config, 4, cache_dir=str(tmp_path_factory.getbasetemp() / "cache"), steps=STEPS,
                              prepare=counts_first_receives)
     assert_matches_reference(result, _reference(tmp_path_factory, "qwen3_moe", "debug"))
+
+
+def test_counts_first_receives_with_an_empty_expert_rank(tmp_path, tmp_path_factory):
+    """The same protocol when an expert rank receives no token (empty payloads)."""
+    config = _config(tmp_path, "qwen3_moe", "debug_top1", 2, 2, 1, 2, microbatches=2)
+    result = run_distributed(config, 4, cache_dir=str(tmp_path_factory.getbasetemp() / "cache"), steps=STEPS,
+                             prepare=counts_first_and_everything_to_expert_0)
+    assert_matches_reference(result, _reference(tmp_path_factory, "qwen3_moe", "debug_top1",
+                                                route_everything_to_expert_0))

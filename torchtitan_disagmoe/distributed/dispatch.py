@@ -16,8 +16,8 @@ together, without waiting. How the receiver takes them depends on the backend
 
 Everything goes through async ``batch_isend_irecv`` and is waited for only when the data
 is needed. Where the receiver already knows the counts (every backward transfer, and
-fixed-size residual hand-offs) there is no count. Empty payloads are sent only to
-receivers that posted for them (gloo).
+fixed-size residual hand-offs) there is no count. Empty row payloads are sent and
+received on gloo (the bounded receive waits for them), never on NCCL.
 
 Why our own instead of torch.distributed.pipelining's P2P: the library pre-allocates
 receive buffers from the first micro-batch's shapes, and its stages talk only to the
@@ -155,7 +155,9 @@ class RowRecv:
             return
         for work in self.count_works:
             work.wait(timeout) if timeout is not None else work.wait()
-        self.payload = post_recvs_known(self._buffers(lambda peer: int(self.counts[peer])), self.tag)
+        # gloo senders send empty payloads too (``post_sends``): receive them alike
+        self.payload = post_recvs_known(self._buffers(lambda peer: int(self.counts[peer])), self.tag,
+                                        empty_too=receives_into_larger_buffers())
 
     def wait(self, timeout: timedelta | None = None) -> dict[int, list[torch.Tensor]]:
         self.force(timeout)
