@@ -12,7 +12,7 @@
    one-process step again before each configuration and predicts with it (the host's
    speed drifts with other users' load); ``--nice -10`` shields the runs from that load.
 
-    python scripts/calibrate_planner.py                    # predictions only (~6 min to calibrate the first time)
+    python scripts/calibrate_planner.py                    # predictions only (~4 min to calibrate the first time)
     python scripts/calibrate_planner.py --measure --repeats 2 --json out.json
     python scripts/calibrate_planner.py --measure --only "af_pipe A1 F1 p1 m2"
 """

@@ -21,7 +21,7 @@ With one torch thread (each rank's share when ranks >= cores) this module measur
 ``calibrate()`` caches everything as JSON next to ``this_machine.json``;
 ``cpu_predict.py`` turns it into step-time predictions through the simulator.
 
-    python -m torchtitan_disagmoe.planner.calibrate [--refresh]   # measure (~6 min), print
+    python -m torchtitan_disagmoe.planner.calibrate [--refresh]   # measure (~4 min), print
 """
 
 import json

@@ -16,11 +16,15 @@ attention and head forward / backward (x = tokens, per expert-parallel degree), 
 stages (x = routed copies expected under uniform routing, per number of local experts)
 and the posting of each transfer (x = rows the post handles over all its peers).
 
+FSDP2 over an attention group is measured the same way in A2 F1 (``FSDP_LAYOUT``) at
+``FSDP_BATCHES``: per unit, what its collectives hold and what CPU it adds to a stage's
+first forward and last backward (``fsdp_costs``).
+
 The validation grid (``cpu_predict.AF_GRID``) runs global batch 8; the calibration runs
 batches 1-6, so no validation run is part of the calibration.
 
     from torchtitan_disagmoe.planner.runtime_trace import measure_runtime_actions
-    measure_runtime_actions()   # ~2 minutes: 8 short runs of the trainer under torchrun
+    measure_runtime_actions()   # ~1.5 minutes: 10 short runs of the trainer under torchrun
 """
 
 import json
