@@ -4,18 +4,21 @@ docs/planner.md section 8).
 A step is forward/backward plus a tail (gradient reduction, clipping, optimizer, metrics):
 
 - af_pipe: the runtime's own action lists (``programs.schedule_program_per_rank``) are
-  replayed by the simulator with every stage's time from the single-thread stage curves
-  x ``stage_scale`` at this layout's token counts; before each transfer its ranks post it
-  (a compute op; a row receive is posted only once the earlier row receive's counts are
-  in, ``post_order_deps``); a transfer takes bytes / gloo bandwidth and arrives one gloo
-  latency later (two for dispatch and combine: their row counts go first), plus a
-  scheduler slice when it starts while every core computes, plus the measured extra
-  wait of rows whose sender is computing when they would arrive. With FSDP2 over an
-  attention group (dp > 1, the runtime's default) each A-stage gathers its weights before
-  its first forward and reduce-scatters after its last backward, and FSDP2's hooks cost
-  in every call (``with_fsdp_ops``; per unit, from ``runtime_bench.measure_fsdp_af``).
-  The host's cores are shared (``simulate(cores=c)``, processor sharing, c the measured
-  capacity for that many ranks).
+  replayed by the simulator with every action's CPU time as measured inside the runtime
+  (``runtime_trace.py``; without it, the single-thread stage curves x ``stage_scale``)
+  at this layout's token counts; before each transfer its ranks post it (a compute op);
+  a transfer takes bytes / gloo bandwidth and arrives one gloo latency later (rows go
+  with their counts; with ``bounded_rows=False``, NCCL's counts-first protocol: two
+  latencies, receives posted in order, ``post_order_deps``), plus a scheduler slice
+  when it starts while every core computes, plus the measured extra wait of rows whose
+  sender is computing when they would arrive. With FSDP2 over an attention group (dp >
+  1, the runtime's default) each A-stage gathers its weights before its first forward
+  (prefetched one stage early) and reduce-scatters after its last backward, and FSDP2
+  costs CPU in every call (``with_fsdp_ops``; per unit, measured inside runs, else by
+  ``runtime_bench.measure_fsdp_af``). The host's cores are shared
+  (``simulate(cores=c)``, processor sharing, c the measured capacity for that many
+  ranks), by FSDP2's collectives too (``cpu_bound_fn``), and a send posted while the
+  other ranks hold every core waits a scheduler slice off them (``blocked_start_fn``).
 - colocated EP: every rank runs the same list (per layer: FSDP all-gather, attention,
   all-to-all of counts and rows, experts, all-to-all back; backward reversed with the
   reduce-scatter), collectives blocking on all ranks, cores shared the same way.
