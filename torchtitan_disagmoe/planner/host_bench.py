@@ -262,14 +262,19 @@ def _quiet_warnings():
             os.environ["PYTHONWARNINGS"] = old
 
 
+def free_port() -> int:
+    """A free local TCP port (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def spawn_for_json(worker, nprocs: int, *args) -> dict:
     """Run ``worker(rank, port, out_file, *args)`` on ``nprocs`` spawned processes (a free
     local port for their process group) and return the JSON that rank 0 wrote."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         with _quiet_warnings():

@@ -29,7 +29,6 @@ batches 1-6, so no validation run is part of the calibration.
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import torch
 from torchtitan_disagmoe.distributed.disagg_model import attention_units
 
 from .calibrate import Linear, StageFits, fit_points
+from .host_bench import free_port
 
 TRACE_LAYOUTS = ((1, 1), (1, 2))
 """(attention ranks, expert ranks): expert-parallel degree 1 and 2, 8 and 4 local experts."""
@@ -53,18 +53,12 @@ FSDP_LAYOUT, FSDP_BATCHES = (2, 1), (2, 4)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_trainer(world: int, overrides: dict, config_file: str, dump: str) -> list[dict]:
     """Run ``torchtitan_disagmoe.train`` on ``world`` local gloo ranks (torchrun) with
     ``--key value`` overrides; returns its metrics.jsonl rows. Raises with the job's
     stderr when it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-           "--master-port", str(_free_port()), "-m", "torchtitan_disagmoe.train", "--job.config_file", config_file,
+           "--master-port", str(free_port()), "-m", "torchtitan_disagmoe.train", "--job.config_file", config_file,
            "--job.dump_folder", dump] + [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
@@ -172,8 +166,8 @@ def measure_runtime_actions(config_file: str = "train_configs/debug_model.toml",
                             layouts=TRACE_LAYOUTS, batches=TRACE_BATCHES, seq_len: int = 128) -> dict:
     """Run the calibration jobs (module docstring) and fit their actions' CPU times;
     returns ``{"stages": StageFits json, "posts": {op: Linear json}, "fsdp": per-unit
-    FSDP2 seconds (``fsdp_costs``, medians over stages and batches)}``. The traced step is the last of
-    ``steps`` (earlier ones warm up)."""
+    FSDP2 seconds (``fsdp_costs``, medians over stages and batches)}``. The traced step
+    is the last of ``steps`` (earlier ones warm up)."""
     from torchtitan_disagmoe.config.manager import load_job_config
     from torchtitan_disagmoe.models import get_model_spec
 
@@ -186,28 +180,28 @@ def measure_runtime_actions(config_file: str = "train_configs/debug_model.toml",
     samples: dict[str, list] = defaultdict(list)
     for a, f in layouts:
         for batch in batches:
-            with tempfile.TemporaryDirectory() as dump:
-                run_trainer(a + f, _overrides(a, f, batch, seq_len, steps), config_file, dump)
-                for path in sorted((Path(dump) / "timeline").glob("rank*.json")):
-                    record = json.loads(path.read_text())
-                    for key, points in action_samples(record, batch * seq_len, f, moe.num_experts,
-                                                      moe.top_k).items():
-                        samples[key] += points
+            for record in _traced_run(a, f, batch, seq_len, steps, config_file):
+                for key, points in action_samples(record, batch * seq_len, f, moe.num_experts,
+                                                  moe.top_k).items():
+                    samples[key] += points
     stages, posts = fit_samples(samples)
     fsdp: dict[str, list[float]] = defaultdict(list)
+    a, f = FSDP_LAYOUT
     for batch in FSDP_BATCHES:
-        a, f = FSDP_LAYOUT
-        with tempfile.TemporaryDirectory() as dump:
-            run_trainer(a + f, _overrides(a, f, batch // a, seq_len, steps), config_file, dump)
-            records = [json.loads(p.read_text()) for p in sorted((Path(dump) / "timeline").glob("rank*.json"))]
+        records = _traced_run(a, f, batch // a, seq_len, steps, config_file)
         for key, values in fsdp_costs(records, units, stages, batch // a * seq_len, ep=f).items():
             fsdp[key] += values
     return {"stages": stages.to_json(), "posts": {k: v.__dict__ for k, v in posts.items()},
             "fsdp": {k: statistics.median(v) for k, v in fsdp.items() if v}}
 
 
-def _overrides(a: int, f: int, local_batch: int, seq_len: int, steps: int) -> dict:
-    return {"disagmoe.mode": "af_pipe", "disagmoe.attention_ranks": a, "disagmoe.expert_ranks": f,
-            "disagmoe.pipeline_depth": 1, "disagmoe.microbatches": 1, "training.local_batch_size": local_batch,
-            "training.seq_len": seq_len, "training.steps": steps, "checkpoint.enable": "false",
-            "metrics.enable_tensorboard": "false", "metrics.log_freq": steps, "metrics.timeline_step": steps}
+def _traced_run(a: int, f: int, local_batch: int, seq_len: int, steps: int, config_file: str) -> list[dict]:
+    """Every rank's timeline (``save_timeline``) of the last step of an af_pipe run with
+    one micro-batch and p = 1."""
+    overrides = {"disagmoe.mode": "af_pipe", "disagmoe.attention_ranks": a, "disagmoe.expert_ranks": f,
+                 "disagmoe.pipeline_depth": 1, "disagmoe.microbatches": 1, "training.local_batch_size": local_batch,
+                 "training.seq_len": seq_len, "training.steps": steps, "checkpoint.enable": "false",
+                 "metrics.enable_tensorboard": "false", "metrics.log_freq": steps, "metrics.timeline_step": steps}
+    with tempfile.TemporaryDirectory() as dump:
+        run_trainer(a + f, overrides, config_file, dump)
+        return [json.loads(p.read_text()) for p in sorted((Path(dump) / "timeline").glob("rank*.json"))]

@@ -21,7 +21,6 @@ measure again.
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -102,17 +101,9 @@ def _p2p_worker(rank: int, port: int, out_file: str) -> None:
 
 
 def _p2p_bandwidth() -> tuple[float, float]:
-    import tempfile
+    from .host_bench import spawn_for_json
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "p2p.json")
-        mp.spawn(_p2p_worker, args=(port, out), nprocs=2, join=True)
-        data = json.loads(Path(out).read_text())
+    data = spawn_for_json(_p2p_worker, 2)
     return data["p2p_bw"], data["p2p_latency"]
 
 
